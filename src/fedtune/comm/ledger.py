@@ -1,0 +1,63 @@
+"""The byte ledger: serialised bytes of every message, per round, client, direction and kind."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+UP = "up"
+DOWN = "down"
+
+
+@dataclass(frozen=True)
+class LedgerKey:
+    round: int
+    client: int
+    direction: str
+    kind: str
+
+
+class Ledger:
+    """Accumulates (messages, bytes) per :class:`LedgerKey`; totals are sums over any filter."""
+
+    def __init__(self) -> None:
+        self._rows: dict[LedgerKey, list[int]] = defaultdict(lambda: [0, 0])
+
+    def record(self, round: int, client: int, direction: str, kind: str, nbytes: int) -> None:
+        if direction not in (UP, DOWN):
+            raise ValueError(f"direction must be {UP!r} or {DOWN!r}, got {direction!r}")
+        row = self._rows[LedgerKey(round, client, direction, kind)]
+        row[0] += 1
+        row[1] += nbytes
+
+    def _select(self, **filters) -> list[tuple[LedgerKey, list[int]]]:
+        return [
+            (key, row)
+            for key, row in self._rows.items()
+            if all(value is None or getattr(key, name) == value for name, value in filters.items())
+        ]
+
+    def bytes(self, *, round: int | None = None, client: int | None = None,
+              direction: str | None = None, kind: str | None = None) -> int:
+        return sum(row[1] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
+
+    def messages(self, *, round: int | None = None, client: int | None = None,
+                 direction: str | None = None, kind: str | None = None) -> int:
+        return sum(row[0] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
+
+    def clients(self) -> list[int]:
+        return sorted({key.client for key in self._rows})
+
+    def drop_after(self, round: int) -> None:
+        """Forget rows of rounds after ``round`` (used when resuming from a checkpoint)."""
+        for key in [k for k in self._rows if k.round > round]:
+            del self._rows[key]
+
+    def state_dict(self) -> list[list]:
+        return [[k.round, k.client, k.direction, k.kind, n, b] for k, (n, b) in sorted(
+            self._rows.items(), key=lambda kv: (kv[0].round, kv[0].client, kv[0].direction, kv[0].kind))]
+
+    def load_state_dict(self, rows: list[list]) -> None:
+        self._rows.clear()
+        for rnd, client, direction, kind, n, b in rows:
+            self._rows[LedgerKey(int(rnd), int(client), direction, kind)] = [int(n), int(b)]

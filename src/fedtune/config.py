@@ -1,0 +1,308 @@
+"""Typed run configuration: TOML file + ``--set key=value`` overrides, validated before any work.
+
+Every field carries its help text (``fedtune config`` prints them). Errors name the key and what is
+allowed; :func:`load_config` raises :class:`ConfigError`, never a raw validation traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedtune.errors import ConfigError
+
+
+def _registry(path: str):
+    """Import ``module:NAME`` lazily (validation time), so config has no import-time dependencies."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _choice(registry_path: str, value: str) -> str:
+    registry = _registry(registry_path)
+    if value not in registry:
+        raise ValueError(f"unknown {registry.kind} {value!r}; valid choices: {', '.join(registry.names())}")
+    return value
+
+
+class Section(BaseModel):
+    """A config table: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    arch: Literal["llama", "gpt2", "qwen2"] = Field("llama", description="Architecture family of the tiny random model.")
+    hidden_size: int = Field(64, gt=0, description="Hidden size of the tiny model.")
+    num_layers: int = Field(4, ge=2, description="Number of transformer blocks.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(128, gt=0, description="MLP width.")
+    vocab_size: int = Field(512, ge=300, description="Vocabulary of the byte-level BPE tokenizer trained offline for it.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        "smollm2",
+        description="Where the model comes from: 'smollm2' (bundled SmolLM2-135M-Instruct, offline), "
+        "'pretrained' (Hugging Face id or local directory in `path`), 'tiny' (random tiny model for tests).",
+    )
+    path: str = Field("", description="Hugging Face model id or local directory (source = 'pretrained').")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype of the base model.")
+    cache_dir: str = Field("", description="Cache for converted models and tokenizers (default ~/.cache/fedtune).")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny random model.")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _choice("fedtune.models.loading:MODEL_SOURCES", v)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "ModelConfig":
+        if self.source == "pretrained" and not self.path:
+            raise ValueError("model.path is required when model.source = 'pretrained'")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default: PEFT's default for the architecture (attention q/v)."
+    )
+
+
+class DataConfig(Section):
+    dataset: str = Field(
+        "e2e",
+        description="'e2e' (bundled E2E NLG), 'chatterbot' (chatterbot-corpus Q&A), "
+        "'local' (JSONL/CSV/parquet file in `path`), 'hf' (Hugging Face dataset name or dir in `path`).",
+    )
+    path: str = Field("", description="File (dataset = 'local') or dataset name/directory (dataset = 'hf').")
+    format: Literal["auto", "prompt_response", "instruction", "text"] = Field(
+        "auto",
+        description="How records map to prompt/response: prompt_response, instruction (instruction/input/output), "
+        "text (plain language modelling), or auto (detect from the field names).",
+    )
+    prompt_field: str = Field("prompt", description="Prompt column (format prompt_response).")
+    response_field: str = Field("response", description="Response column (format prompt_response).")
+    instruction_field: str = Field("instruction", description="Instruction column (format instruction).")
+    input_field: str = Field("input", description="Optional input column (format instruction).")
+    output_field: str = Field("output", description="Output column (format instruction).")
+    text_field: str = Field("text", description="Text column (format text).")
+    train_split: str = Field("train", description="Split used for training (dataset = 'hf').")
+    eval_split: str = Field("", description="Held-out split (dataset = 'hf'); empty: carve eval_fraction off train.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the data held out for eval when no eval split exists.")
+    max_train_samples: int | None = Field(None, gt=0, description="Cap on training samples (seeded subset); none = all.")
+    max_eval_samples: int | None = Field(200, gt=0, description="Cap on eval samples (seeded subset); none = all.")
+    max_length: int = Field(128, ge=8, description="Token length after formatting; longer samples are truncated.")
+    chat_template: bool = Field(True, description="Format with the tokenizer's chat template where it has one.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return _choice("fedtune.data.sources:DATASETS", v)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.dataset in ("local", "hf") and not self.path:
+            raise ValueError(f"data.path is required when data.dataset = {self.dataset!r}")
+        return self
+
+
+class PartitionConfig(Section):
+    method: str = Field(
+        "dirichlet",
+        description="'iid', 'dirichlet' (Dirichlet over `column`), 'natural_id' (one client per value of `column`), "
+        "'length_dirichlet' (SplitFT: Dirichlet over token-length classes).",
+    )
+    column: str = Field("", description="Column partitioned on (dirichlet, natural_id); default: the dataset's label column.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; small = highly non-IID.")
+    num_length_classes: int = Field(4, ge=2, description="K token-length classes (length_dirichlet).")
+    min_samples: int = Field(2, ge=1, description="Every client must get at least this many training samples.")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _choice("fedtune.data.partition:PARTITIONERS", v)
+
+
+class TrainConfig(Section):
+    lr: float = Field(2e-4, gt=0, description="Client (and centralized) learning rate, AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(8, gt=0, description="Samples per local step.")
+    local_steps: int = Field(4, gt=0, description="Optimizer steps per client per round (ignored if local_epochs is set).")
+    local_epochs: float | None = Field(None, gt=0, description="Epochs over the client's data per round; overrides local_steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; none = no clipping.")
+
+
+class FederationConfig(Section):
+    num_clients: int = Field(4, ge=1, description="Number of simulated clients (partitions).")
+    clients_per_round: int | None = Field(None, ge=1, description="Clients sampled each round; none = all.")
+    rounds: int = Field(3, ge=1, description="Federated rounds.")
+    strategy: str = Field("fedavg", description="Server aggregation strategy: 'fedavg', 'fedprox', 'fedadam'.")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu.")
+    server_lr: float = Field(1e-2, gt=0, description="Server learning rate (fedadam).")
+    server_betas: tuple[float, float] = Field((0.9, 0.99), description="Server Adam betas (fedadam).")
+    server_eps: float = Field(1e-3, gt=0, description="Server Adam epsilon / adaptivity tau (fedadam).")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        return _choice("fedtune.federated.strategies:STRATEGIES", v)
+
+    @model_validator(mode="after")
+    def _sampling(self) -> "FederationConfig":
+        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.clients_per_round}) exceeds "
+                f"federation.num_clients ({self.num_clients}); allowed: 1..{self.num_clients}"
+            )
+        return self
+
+    @property
+    def sampled(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1, description="Evaluate on the held-out split every N rounds (and after the last).")
+    batch_size: int = Field(16, gt=0, description="Eval batch size.")
+    sample_index: int = Field(0, ge=0, description="Eval sample whose prompt is answered by the base and tuned model.")
+    max_new_tokens: int = Field(40, gt=0, description="Tokens generated for the sample answer.")
+
+
+class RuntimeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present, else CPU.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; none = torch default.")
+    progress: bool = Field(True, description="Show rich progress bars.")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(1, ge=1, description="Write a checkpoint every N rounds (always after the last).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest are deleted).")
+
+
+class RunConfig(Section):
+    paradigm: str = Field("fedllm", description="'fedllm' (federated LoRA) or 'centralized' (reference, no federation).")
+    seed: int = Field(0, description="Seed of every random choice in the run.")
+    name: str = Field("run", description="Run name, used in reports.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("paradigm")
+    @classmethod
+    def _paradigm(cls, v: str) -> str:
+        return _choice("fedtune.paradigms:PARADIGMS", v)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, value); the value is read as TOML, else taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        valid = ", ".join(section.model_fields) if section else "?"
+        where = f"[{'.'.join(map(str, loc[:-1]))}]" if loc[:-1] else "the top level"
+        return f"unknown key {key!r}; valid keys in {where}: {valid}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    if err["type"] in ("value_error",) or isinstance(got, dict):
+        return f"{key}: {msg}"
+    return f"{key}: {msg} (got {got!r})"
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (optional), apply ``--set`` overrides, and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return build_config(data)
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, for ``fedtune config`` and the README."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, key + "."))
+        else:
+            rows.append((key, repr(field.get_default(call_default_factory=True)), field.description or ""))
+    return rows

@@ -1,0 +1,208 @@
+"""The round loop: evaluate, train a round, log metrics, checkpoint; then summarise and report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedtune.comm.ledger import DOWN, UP
+from fedtune.config import RunConfig
+from fedtune.engine.accounting import Accounting
+from fedtune.engine.checkpoint import Checkpointer, atomic_write
+from fedtune.engine.context import RunContext, build_context
+from fedtune.engine.evaluation import EvalResult, evaluate
+from fedtune.engine.metrics_log import MetricsLog, json_safe
+from fedtune.errors import CheckpointError, FedtuneError
+from fedtune.models.generation import generate_answer
+from fedtune.paradigms import PARADIGMS, Paradigm, RoundResult
+from fedtune.progress import RunProgress
+
+#: Keys that may differ between a checkpoint and the run resuming it (they don't change the results).
+RESUMABLE_CHANGES = ("name", "runtime", "checkpoint", "federation.rounds")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def training_fingerprint(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+    """Hash of every config value that affects results (not runtime, checkpointing or total rounds)."""
+    flat = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items()
+            if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)}
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+    return digest, flat
+
+
+class Runner:
+    """Runs one configuration into one run directory, resumable from its last checkpoint."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.console = console or Console(stderr=True)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.checkpointer = Checkpointer(self.out, keep=cfg.checkpoint.keep)
+        self.accounting = Accounting()
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _prepare_dir(self, resume: bool) -> None:
+        if resume:
+            if not self.checkpointer.exists():
+                raise CheckpointError(f"cannot resume {self.out}: it holds no checkpoint")
+        elif self.checkpointer.exists() or self.metrics.path.exists():
+            raise FedtuneError(f"{self.out} already holds a run; resume it with --resume {self.out} "
+                               "or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out / "config.toml", self.cfg.to_toml().encode())
+
+    def _restore(self, paradigm: Paradigm, ctx: RunContext) -> int:
+        state, meta = self.checkpointer.load_latest()
+        digest, flat = training_fingerprint(self.cfg)
+        if meta.get("fingerprint") != digest:
+            saved = meta.get("config", {})
+            diff = sorted(k for k in set(saved) | set(flat) if saved.get(k) != flat.get(k))
+            raise CheckpointError(
+                f"checkpoint in {self.out} was written by a different configuration; differing keys: "
+                f"{', '.join(diff) or '(unknown: fingerprint mismatch)'}. Only {', '.join(RESUMABLE_CHANGES)} "
+                "may change on resume")
+        try:
+            paradigm.load_state_dict(state["paradigm"])
+            ctx.ledger.load_state_dict(state["ledger"])
+            self.accounting.load_state_dict(state["accounting"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint in {self.out} does not match this run: {exc}") from None
+        done = int(meta["round"])
+        self.metrics.truncate(done)
+        return done
+
+    def _save(self, round: int, paradigm: Paradigm, ctx: RunContext) -> None:
+        digest, flat = training_fingerprint(self.cfg)
+        state = {"paradigm": paradigm.state_dict(), "ledger": ctx.ledger.state_dict(),
+                 "accounting": self.accounting.state_dict()}
+        self.checkpointer.save(round, state, {"fingerprint": digest, "config": flat, "paradigm": self.cfg.paradigm})
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _evaluate(self, paradigm: Paradigm, ctx: RunContext) -> EvalResult:
+        paradigm.load_global()
+        return evaluate(ctx.model, ctx.eval_samples, batch_size=self.cfg.eval.batch_size,
+                        pad_token_id=ctx.pad_token_id, device=ctx.device)
+
+    def _round_record(self, round: int, result: RoundResult | None, ev: EvalResult | None,
+                      wall_s: float, ctx: RunContext) -> dict[str, Any]:
+        ledger = ctx.ledger
+        return {
+            "round": round,
+            "train_loss": result.train_loss if result else None,
+            "eval_loss": ev.loss if ev else None,
+            "eval_ppl": ev.ppl if ev else None,
+            "uplink_bytes": ledger.bytes(round=round, direction=UP),
+            "downlink_bytes": ledger.bytes(round=round, direction=DOWN),
+            "cum_uplink_bytes": ledger.bytes(direction=UP),
+            "cum_downlink_bytes": ledger.bytes(direction=DOWN),
+            "client_flops": sum(result.client_flops.values()) if result else 0,
+            "server_flops": result.server_flops if result else 0,
+            "wall_s": wall_s,
+            "cum_wall_s": self.accounting.wall_s,
+            "sim_s": 0.0,
+            "clients": result.clients if result else [],
+            "rejected": result.rejected if result else [],
+            "peak_memory_bytes": max(result.client_peak_memory.values(), default=0) if result else 0,
+        }
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        self._prepare_dir(resume)
+        progress = RunProgress(cfg.runtime.progress, self.console)
+        ctx = build_context(cfg, progress)
+        self._write_partition(ctx)
+        paradigm = PARADIGMS.get(cfg.paradigm)(ctx)
+        done = self._restore(paradigm, ctx) if resume else 0
+        if done == 0:
+            t0 = time.perf_counter()
+            initial = self._evaluate(paradigm, ctx)
+            self.metrics.append(self._round_record(0, None, initial, time.perf_counter() - t0, ctx))
+        with progress.run(cfg.federation.rounds, done):
+            for round in range(done + 1, cfg.federation.rounds + 1):
+                t0 = time.perf_counter()
+                result = paradigm.run_round(round)
+                last = round == cfg.federation.rounds
+                ev = self._evaluate(paradigm, ctx) if (round % cfg.eval.every == 0 or last) else None
+                wall = time.perf_counter() - t0
+                self.accounting.add(result, wall)
+                self.metrics.append(self._round_record(round, result, ev, wall, ctx))
+                if round % cfg.checkpoint.every == 0 or last:
+                    self._save(round, paradigm, ctx)
+                info = f"eval {ev.loss:.4f}" if ev else ""
+                progress.round_done(info)
+        return self._finish(paradigm, ctx)
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _write_partition(self, ctx: RunContext) -> None:
+        from fedtune.data.partition import format_partition_table, plot_partition
+
+        atomic_write(self.out / "partition.json", json.dumps(json_safe(ctx.partition_info), indent=1).encode())
+        plot_partition(ctx.partition_info, self.out / "partition.png")
+        if self.cfg.runtime.progress:
+            self.console.print(format_partition_table(ctx.partition_info))
+
+    def _finish(self, paradigm: Paradigm, ctx: RunContext) -> dict[str, Any]:
+        from fedtune.report.render import write_report
+
+        paradigm.load_global()
+        ctx.model.save_pretrained(self.out / "adapter")
+        tuned = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
+        with ctx.model.disable_adapter():
+            base = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
+        summary = self._summary(paradigm, ctx, {"prompt": ctx.sample_prompt, "reference": ctx.sample_reference,
+                                                "base": base, "tuned": tuned})
+        atomic_write(self.out / "summary.json", json.dumps(json_safe(summary), indent=1).encode())
+        write_report(self.out)
+        return summary
+
+    def _summary(self, paradigm: Paradigm, ctx: RunContext, sample: dict[str, str]) -> dict[str, Any]:
+        records = self.metrics.read()
+        evals = [r for r in records if r.get("eval_loss") is not None]
+        trains = [r for r in records if r.get("train_loss") is not None]
+        ledger, acc = ctx.ledger, self.accounting
+        sizes = paradigm.client_sizes()
+        clients = [{
+            "id": cid, "num_samples": sizes.get(cid, 0),
+            "uplink_bytes": ledger.bytes(client=cid, direction=UP),
+            "downlink_bytes": ledger.bytes(client=cid, direction=DOWN),
+            "flops": acc.client_flops.get(cid, 0), "peak_memory_bytes": acc.client_peak_memory.get(cid, 0),
+            "rounds_trained": acc.rounds_trained.get(cid, 0), "rejected_updates": acc.rejected.get(cid, 0),
+        } for cid in range(len(ctx.partitions))]
+        params = sum(p.numel() for p in ctx.model.parameters())
+        trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
+        up, down = ledger.bytes(direction=UP), ledger.bytes(direction=DOWN)
+        return {
+            "paradigm": self.cfg.paradigm,
+            "name": self.cfg.name,
+            "rounds": self.cfg.federation.rounds,
+            "seed": self.cfg.seed,
+            "initial": {"eval_loss": evals[0]["eval_loss"], "eval_ppl": evals[0]["eval_ppl"]},
+            "final": {"eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"],
+                      "train_loss": trains[-1]["train_loss"] if trains else None},
+            "comm": {"uplink_bytes": up, "downlink_bytes": down, "total_bytes": up + down,
+                     "messages": ledger.messages()},
+            "compute": {"client_flops": sum(acc.client_flops.values()), "server_flops": acc.server_flops},
+            "memory": {"client_peak_bytes": max(acc.client_peak_memory.values(), default=0),
+                       "server_peak_bytes": acc.server_peak_memory},
+            "time": {"wall_s": acc.wall_s, "simulated_s": 0.0},
+            "clients": clients,
+            "rejected_updates": sum(acc.rejected.values()),
+            "sample": sample,
+            "model": {"source": self.cfg.model.source, "name": getattr(ctx.base_model.config, "_name_or_path", ""),
+                      "params": params, "trainable_params": trainable, "device": str(ctx.device)},
+        }

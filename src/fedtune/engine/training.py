@@ -1,0 +1,83 @@
+"""Local training steps shared by every paradigm's client (and the centralized reference)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from fedtune.models.flops import ModelCost, train_flops
+from fedtune.models.memory import MemoryMeter
+
+
+@dataclass
+class TrainResult:
+    """What a run of local steps did: losses, compute, memory, and why it stopped early if it did."""
+
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    flops: int = 0
+    peak_memory_bytes: int = 0
+    failure: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def train_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    cost: ModelCost,
+    device: torch.device,
+    max_grad_norm: float | None,
+    regularizer: Callable[[], torch.Tensor | None] | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> TrainResult:
+    """One optimizer step per batch. Stops at the first non-finite loss or gradient and says so."""
+    result = TrainResult()
+    meter = MemoryMeter(device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    model.train()
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with meter.step():
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                result.failure = f"non-finite loss ({loss.item()}) at step {result.steps + 1}"
+                optimizer.zero_grad(set_to_none=True)
+                break
+            total = loss
+            extra = regularizer() if regularizer else None
+            if extra is not None:
+                total = loss + extra
+            total.backward()
+        if max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if not math.isfinite(float(norm)):
+                result.failure = f"non-finite gradient norm at step {result.steps + 1}"
+                optimizer.zero_grad(set_to_none=True)
+                break
+        optimizer.step()
+        meter.observe(model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        batch_size, seq_len = batch["input_ids"].shape
+        result.tokens += batch_size * seq_len
+        result.flops += train_flops(cost, tokens=batch_size * seq_len, seq_len=seq_len)
+        result.losses.append(float(loss.item()))
+        if on_step:
+            on_step(result.losses[-1])
+    result.peak_memory_bytes = meter.peak_bytes
+    return result

@@ -1,0 +1,1 @@
+"""Server strategies and client-side local training shared by the federated paradigms."""

@@ -1,0 +1,24 @@
+"""Which clients take part in a round, and how many local steps each one runs."""
+
+from __future__ import annotations
+
+import math
+
+from fedtune.config import RunConfig
+from fedtune.engine.seeding import numpy_rng
+
+
+def sample_clients(cfg: RunConfig, round: int) -> list[int]:
+    """The sorted client ids of ``round``: a seeded draw without replacement (all when none is set)."""
+    fed = cfg.federation
+    if fed.sampled == fed.num_clients:
+        return list(range(fed.num_clients))
+    rng = numpy_rng(cfg.seed, "sample-clients", round)
+    return sorted(int(c) for c in rng.choice(fed.num_clients, size=fed.sampled, replace=False))
+
+
+def local_steps(cfg: RunConfig, num_samples: int) -> int:
+    """``train.local_steps``, or the steps covering ``train.local_epochs`` of the client's data."""
+    if cfg.train.local_epochs is None:
+        return cfg.train.local_steps
+    return max(1, math.ceil(cfg.train.local_epochs * num_samples / cfg.train.batch_size))
