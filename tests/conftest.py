@@ -17,6 +17,12 @@ def fedtune_cache(tmp_path_factory):
     if "FEDTUNE_TEST_KEEP_CACHE" not in os.environ:
         os.environ["FEDTUNE_CACHE"] = str(tmp_path_factory.mktemp("fedtune-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Tiny models run fastest on one thread, and one thread per process avoids oversubscribing 2 cores
+    # when a test starts a subprocess.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
     yield
 
 
