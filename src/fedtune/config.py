@@ -176,6 +176,25 @@ class FederationConfig(Section):
         return self.clients_per_round or self.num_clients
 
 
+class SplitConfig(Section):
+    cut: int = Field(3, ge=1, description="Blocks on the client (cut after this many blocks), unless `cuts` gives one per client.")
+    cuts: list[int] | None = Field(None, description="Static per-client cut layers (one per client); overrides `cut`.")
+    ushape: bool = Field(False, description="U-shape: the client also keeps the last `tail` blocks, final norm, LM head and labels.")
+    tail: int = Field(1, ge=1, description="Blocks at the end kept on the client in U-shape.")
+    server_adapter: Literal["shared", "per_client"] = Field(
+        "shared", description="Server-side LoRA: one adapter updated by every client (SplitFed-V2) or one per client "
+        "averaged each round (SplitFed-V1).")
+    adaptive: bool = Field(False, description="SplitFT: after each round, clients above the mean validation quality "
+                           "take more blocks, those below fewer.")
+    gamma: float = Field(0.5, gt=0, description="Adaptive cut step: delta = round(gamma * (score - mean) / |mean| * L).")
+    val_samples: int = Field(8, ge=1, description="Per-client validation samples (held out of its training data) that score the adaptive cut.")
+    max_client_blocks: list[int] | None = Field(
+        None, description="Per-client capacity bound on blocks held (device memory/compute); none = L - 1.")
+    cut_rank: int | None = Field(None, gt=0, description="Lower LoRA rank on the blocks adjacent to the cut; none = same as lora.r.")
+    cut_rank_side: Literal["client", "server", "both"] = Field(
+        "both", description="Which block adjacent to the cut gets cut_rank: the client's last, the server's first, or both.")
+
+
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate on the held-out split every N rounds (and after the last).")
     batch_size: int = Field(16, gt=0, description="Eval batch size.")
@@ -195,7 +214,8 @@ class CheckpointConfig(Section):
 
 
 class RunConfig(Section):
-    paradigm: str = Field("fedllm", description="'fedllm' (federated LoRA) or 'centralized' (reference, no federation).")
+    paradigm: str = Field("fedllm", description="'fedllm' (federated LoRA), 'split' (split federated, SplitFed/SplitFT) "
+                          "or 'centralized' (reference, no federation).")
     seed: int = Field(0, description="Seed of every random choice in the run.")
     name: str = Field("run", description="Run name, used in reports.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -204,6 +224,7 @@ class RunConfig(Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -212,6 +233,22 @@ class RunConfig(Section):
     @classmethod
     def _paradigm(cls, v: str) -> str:
         return _choice("fedtune.paradigms:PARADIGMS", v)
+
+    @model_validator(mode="after")
+    def _split_lists(self) -> "RunConfig":
+        n = self.federation.num_clients
+        for key in ("cuts", "max_client_blocks"):
+            values = getattr(self.split, key)
+            if values is not None and len(values) != n:
+                raise ValueError(f"split.{key} has {len(values)} entries but federation.num_clients = {n}; give one per client")
+            if values is not None and min(values) < 1:
+                raise ValueError(f"split.{key} entries must be >= 1, got {values}")
+        if self.split.cut_rank is not None and (self.split.cuts is not None or self.split.adaptive):
+            raise ValueError("split.cut_rank needs one fixed cut (split.cut): with per-client or adaptive cuts the "
+                             "blocks adjacent to the cut differ between clients and rounds")
+        if self.split.cut_rank is not None and self.split.cut_rank > self.lora.r:
+            raise ValueError(f"split.cut_rank ({self.split.cut_rank}) must not exceed lora.r ({self.lora.r})")
+        return self
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))

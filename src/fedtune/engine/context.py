@@ -59,7 +59,10 @@ def build_context(cfg: RunConfig, progress: RunProgress) -> RunContext:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
     base, tokenizer = load_model(cfg.model, device)
-    model = attach_lora(base, cfg.lora, seed=cfg.seed)
+    from fedtune.paradigms import PARADIGMS
+
+    rank_pattern = PARADIGMS.get(cfg.paradigm).lora_rank_pattern(cfg, base)
+    model = attach_lora(base, cfg.lora, seed=cfg.seed, rank_pattern=rank_pattern)
     splits = load_splits(cfg.data, cfg.seed)
     train = tokenize_examples(splits.train, tokenizer, cfg.data.max_length, cfg.data.chat_template)
     evals = tokenize_examples(splits.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template)

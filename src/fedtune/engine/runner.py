@@ -118,6 +118,7 @@ class Runner:
             "clients": result.clients if result else [],
             "rejected": result.rejected if result else [],
             "peak_memory_bytes": max(result.client_peak_memory.values(), default=0) if result else 0,
+            **(result.extra if result else {}),
         }
 
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -183,10 +184,13 @@ class Runner:
             "flops": acc.client_flops.get(cid, 0), "peak_memory_bytes": acc.client_peak_memory.get(cid, 0),
             "rounds_trained": acc.rounds_trained.get(cid, 0), "rejected_updates": acc.rejected.get(cid, 0),
         } for cid in range(len(ctx.partitions))]
+        extra = paradigm.summary_extra()
+        for cid, fields in extra.pop("clients", {}).items():
+            clients[cid].update(fields)
         params = sum(p.numel() for p in ctx.model.parameters())
         trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
         up, down = ledger.bytes(direction=UP), ledger.bytes(direction=DOWN)
-        return {
+        summary = {
             "paradigm": self.cfg.paradigm,
             "name": self.cfg.name,
             "rounds": self.cfg.federation.rounds,
@@ -206,3 +210,6 @@ class Runner:
             "model": {"source": self.cfg.model.source, "name": getattr(ctx.base_model.config, "_name_or_path", ""),
                       "params": params, "trainable_params": trainable, "device": str(ctx.device)},
         }
+        for section, fields in extra.items():
+            summary.setdefault(section, {}).update(fields)
+        return summary

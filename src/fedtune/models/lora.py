@@ -20,11 +20,13 @@ def _has_conv1d(model: torch.nn.Module) -> bool:
     return any(isinstance(module, Conv1D) for module in model.modules())
 
 
-def attach_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> "PeftModel":
+def attach_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int,
+                rank_pattern: dict[str, int] | None = None) -> "PeftModel":
     """Wrap ``model`` with LoRA adapters (only they are trainable).
 
     The random init of the A matrices is seeded by ``seed`` inside a forked RNG, so it is reproducible and the
     global RNG state is left untouched. GPT-2 style ``Conv1D`` layers get ``fan_in_fan_out=True``.
+    ``rank_pattern`` maps module-name regexes to ranks other than ``cfg.r`` (PEFT semantics).
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -36,6 +38,7 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> "PeftMode
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules) if cfg.target_modules else None,
         fan_in_fan_out=_has_conv1d(model),
+        rank_pattern=dict(rank_pattern or {}),
     )
     with torch.random.fork_rng(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)

@@ -37,9 +37,11 @@ class MemoryMeter:
       alive when the forward pass ends, which is the activation peak of a forward+backward step.
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, by_tensors: bool = False) -> None:
+        """``by_tensors``: use the tensor breakdown even on CUDA (e.g. to charge one side of a split on a
+        device shared by both sides, where the allocator peak cannot tell them apart)."""
         self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
+        self.cuda = self.device.type == "cuda" and not by_tensors
         self._param_ptrs: set[int] = set()
         self._parts = dict.fromkeys(("parameters", "gradients", "optimizer_state", "activations"), 0)
         self._cuda_peak = 0  # allocator peak over the steps

@@ -20,6 +20,7 @@ class RoundResult:
     server_flops: int = 0
     client_peak_memory: dict[int, int] = field(default_factory=dict)
     server_peak_memory: int = 0
+    extra: dict = field(default_factory=dict)  # paradigm-specific metrics for this round's line
 
 
 class Paradigm:
@@ -30,6 +31,15 @@ class Paradigm:
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx
+
+    @classmethod
+    def lora_rank_pattern(cls, cfg, base_model) -> dict[str, int] | None:
+        """Per-module LoRA ranks (PEFT ``rank_pattern``) this paradigm needs, decided before LoRA is attached."""
+        return None
+
+    def summary_extra(self) -> dict:
+        """Paradigm-specific summary entries: {"comm": {...}, "clients": {id: {...}}, other sections}."""
+        return {}
 
     def run_round(self, round: int) -> RoundResult:
         raise NotImplementedError

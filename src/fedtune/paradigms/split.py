@@ -1,0 +1,332 @@
+"""Split-FedLLM: split federated LoRA fine-tuning (SplitFed V1/V2, U-shape, SplitFT per-client cuts).
+
+Per step and client: the client runs embeddings and its head blocks and uploads the activations (+ the
+attention mask, + the labels in the standard split); the server runs its body blocks (and, standard, the
+norm, LM head and loss), back-propagates and returns the cut-layer gradient; the client back-propagates it
+and steps. In a U-shape the server returns its body output instead, the client runs its tail blocks, norm,
+head and loss, uploads the gradient at the body output, and the exchange unwinds. Token ids never leave the
+client; in a U-shape neither do the labels.
+
+Adapters: the run keeps one full global LoRA state. At the start of a client's session the client downloads
+the LoRA weights of its own blocks; the server uses one shared body adapter updated by every client in turn
+(``server_adapter = "shared"``, SplitFed-V2) or a fresh copy of the global body per client
+(``"per_client"``, V1). At the end of the round every block is averaged over the versions trained in that
+round, weighted by samples: a client-side block over the clients that held it (their uploads), a server-side
+block over the server's copy (V2: one copy weighted by the samples of the clients it served; V1: one copy per
+client). Since every block's weights live in the one global state, a block whose owner changes (adaptive
+cuts) takes its weights with it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.comm.ledger import DOWN, UP
+from fedtune.comm.messages import Message
+from fedtune.engine.client_data import SampleStream
+from fedtune.engine.evaluation import evaluate
+from fedtune.engine.seeding import numpy_rng, seed_torch
+from fedtune.engine.training import make_optimizer
+from fedtune.errors import ConfigError
+from fedtune.federated.sampling import local_steps, sample_clients
+from fedtune.models.flops import train_flops
+from fedtune.models.lora import adapter_state, load_adapter_state
+from fedtune.models.memory import MemoryMeter
+from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
+from fedtune.split.adaptive import adapt_cuts
+from fedtune.split.cut import Cut, CutError, SplitModel, find_blocks
+
+TensorDict = dict[str, torch.Tensor]
+
+
+def _finite(tensors: TensorDict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
+def _weighted_mean(versions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    total = sum(w for _, w in versions)
+    acc = sum(t.to(torch.float64) * (w / total) for t, w in versions)
+    return acc.to(versions[0][0].dtype)
+
+
+@dataclass
+class Session:
+    """What one client's round of split training produced."""
+
+    client_state: TensorDict | None  # uploaded client-side LoRA weights (None: rejected)
+    body_state: TensorDict | None  # the server's body weights after this client (None: rejected)
+    loss: float
+    client_flops: int
+    server_flops: int
+    client_memory: int
+    server_memory: int
+    failure: str | None = None
+
+
+@PARADIGMS.register("split")
+class SplitFed(Paradigm):
+    @classmethod
+    def lora_rank_pattern(cls, cfg, base_model) -> dict[str, int] | None:
+        """Lower LoRA rank on the block(s) adjacent to the (single, fixed) cut (SplitFT)."""
+        s = cfg.split
+        if s.cut_rank is None:
+            return None
+        _, _, _, blocks_name = find_blocks(base_model)
+        adjacent = {"client": [s.cut - 1], "server": [s.cut], "both": [s.cut - 1, s.cut]}[s.cut_rank_side]
+        return {rf"{re.escape(blocks_name)}\.{b}\..*": s.cut_rank for b in adjacent}
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        cfg, s = ctx.cfg, ctx.cfg.split
+        self.split = SplitModel(ctx.model)
+        L = self.split.num_layers
+        self.tail = s.tail if s.ushape else 0
+        n = cfg.federation.num_clients
+        self.max_blocks = {c: min(L - 1 - self.tail, (s.max_client_blocks or [L] * n)[c]) for c in range(n)}
+        self.cuts = {c: (s.cuts[c] if s.cuts else s.cut) for c in range(n)}
+        for cid, k in self.cuts.items():
+            Cut(k, self.tail).check(L)
+            if k > self.max_blocks[cid]:
+                raise CutError(f"client {cid}: cut after {k} blocks exceeds its capacity of {self.max_blocks[cid]} blocks")
+        self.global_state = adapter_state(ctx.model)
+        self.key_block = self._map_keys_to_blocks()
+        self.val_rows: dict[int, list[int]] = {}
+        streams = []
+        for cid, part in enumerate(ctx.partitions):
+            rows = list(part)
+            if s.adaptive:
+                if len(rows) <= s.val_samples:
+                    raise ConfigError(f"split.val_samples = {s.val_samples} leaves client {cid} (with {len(rows)} "
+                                      "samples) nothing to train on; lower it or use fewer clients")
+                perm = numpy_rng(cfg.seed, "split-val", cid).permutation(len(rows))
+                self.val_rows[cid] = sorted(rows[i] for i in perm[: s.val_samples])
+                rows = sorted(rows[i] for i in perm[s.val_samples:])
+            streams.append(SampleStream(rows, cfg.seed, cid))
+        self.streams = streams
+        self.cut_history: dict[int, list[int]] = {c: [k] for c, k in self.cuts.items()}
+
+    def _map_keys_to_blocks(self) -> dict[str, int]:
+        prefix = self.split.blocks_name
+        out = {}
+        for key in self.global_state:
+            match = re.match(rf"{re.escape(prefix)}\.(\d+)\.", key)
+            if not match:
+                raise CutError(f"split learning needs LoRA on transformer blocks only; {key} is outside "
+                               f"{prefix} (check lora.target_modules)")
+            out[key] = int(match.group(1))
+        return out
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _keys(self, blocks: set[int]) -> list[str]:
+        return [k for k, b in self.key_block.items() if b in blocks]
+
+    def _params(self, blocks: set[int]) -> list[torch.nn.Parameter]:
+        return [p for b in sorted(blocks) for p in self.split.blocks[b].parameters() if p.requires_grad]
+
+    def _client_modules(self, cut: Cut) -> torch.nn.ModuleList:
+        """Modules resident on the client: embeddings, head blocks, and for a U-shape tail, norm and LM head."""
+        model, L = self.ctx.model, self.split.num_layers
+        modules = [model.get_input_embeddings(), *(self.split.blocks[b] for b in range(cut.head))]
+        if cut.tail:
+            modules += [*(self.split.blocks[b] for b in range(L - cut.tail, L)), model.get_output_embeddings()]
+        return torch.nn.ModuleList(modules)
+
+    # -- one step ---------------------------------------------------------------------------
+    def _step(self, round: int, cid: int, cut: Cut, batch: TensorDict, opts, meters) -> float | None:
+        """One split step (see module docstring); returns the loss, or None if it was not finite."""
+        ctx, split, L = self.ctx, self.split, self.split.num_layers
+        transport, device = ctx.transport, ctx.device
+        client_opt, server_opt = opts
+        client_meter, server_meter = meters
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        with client_meter.step():
+            act = split.run(0, cut.head, input_ids=ids, attention_mask=mask)
+            payload = {"hidden": act.detach(), "attention_mask": mask.bool()}
+            if not cut.tail:
+                payload["labels"] = labels.to(torch.int32)
+            up = transport.upload(Message("activations", payload), round=round, client=cid)
+            # ---- server ----
+            with server_meter.step():
+                h = up.tensors["hidden"].to(device).requires_grad_()
+                server_mask = up.tensors["attention_mask"].to(device).long()
+                if not cut.tail:
+                    out = split.run(cut.head, L, hidden=h, attention_mask=server_mask,
+                                    labels=up.tensors["labels"].to(device).long())
+                    body = None
+                else:
+                    body = split.run(cut.head, L - cut.tail, hidden=h, attention_mask=server_mask)
+            if cut.tail:
+                down = transport.download(Message("body_output", {"hidden": body.detach()}), round=round, client=cid)
+                # ---- client tail ----
+                t = down.tensors["hidden"].to(device).requires_grad_()
+                out = split.run(L - cut.tail, L, hidden=t, attention_mask=mask, labels=labels)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                return None
+            loss.backward()
+            if cut.tail:
+                up_grad = transport.upload(Message("tail_gradients", {"grad": t.grad}), round=round, client=cid)
+                body.backward(up_grad.tensors["grad"].to(device))  # ---- server ----
+        self._clip_and_step(server_opt)
+        down = transport.download(Message("gradients", {"grad": h.grad}), round=round, client=cid)
+        act.backward(down.tensors["grad"].to(device))  # ---- client ----
+        self._clip_and_step(client_opt)
+        server_meter.observe(torch.nn.ModuleList([split.blocks[b] for b in cut.body(L)]), server_opt)
+        client_meter.observe(self._client_modules(cut), client_opt)
+        return float(loss.item())
+
+    def _clip_and_step(self, optimizer: torch.optim.Optimizer) -> None:
+        max_norm = self.ctx.cfg.train.max_grad_norm
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # -- one client's round -------------------------------------------------------------------
+    def _session(self, round: int, cid: int, server_body: TensorDict) -> Session:
+        ctx, cfg, L = self.ctx, self.ctx.cfg, self.split.num_layers
+        cut = Cut(self.cuts[cid], self.tail)
+        client_blocks, body_blocks = set(cut.client_blocks(L)), set(cut.body(L))
+        client_keys, body_keys = self._keys(client_blocks), self._keys(body_blocks)
+        down = ctx.transport.download(Message("client_adapter", {k: self.global_state[k] for k in client_keys}),
+                                      round=round, client=cid)
+        load_adapter_state(ctx.model, {**self.global_state, **server_body, **down.tensors})
+        seed_torch(cfg.seed, "split-train", round, cid)
+        opts = (make_optimizer(self._params(client_blocks), cfg.train.lr, cfg.train.weight_decay),
+                make_optimizer(self._params(body_blocks), cfg.train.lr, cfg.train.weight_decay))
+        meters = (MemoryMeter(ctx.device, by_tensors=True), MemoryMeter(ctx.device, by_tensors=True))
+        steps = local_steps(cfg, len(self.streams[cid].indices))
+        ctx.progress.start_steps(f"round {round} client {cid} (cut {cut.head})", steps)
+        ctx.model.train()
+        losses, client_flops, server_flops, failure = [], 0, 0, None
+        for batch in ctx.batches(self.streams[cid], steps):
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            loss = self._step(round, cid, cut, batch, opts, meters)
+            if loss is None:
+                failure = f"non-finite loss at step {len(losses) + 1}"
+                break
+            losses.append(loss)
+            ctx.progress.step(loss)
+            tokens, seq = batch["input_ids"].numel(), batch["input_ids"].shape[1]
+            client_flops += train_flops(ctx.cost, tokens, seq, blocks=range(cut.head), head=False)
+            if cut.tail:
+                client_flops += train_flops(ctx.cost, tokens, seq, blocks=range(L - cut.tail, L), head=True)
+            server_flops += train_flops(ctx.cost, tokens, seq, blocks=cut.body(L), head=not cut.tail)
+        state = adapter_state(ctx.model)
+        client_state = {k: state[k] for k in client_keys}
+        if failure is None and not _finite(client_state):
+            failure = "non-finite client adapter weights"
+        mean_loss = sum(losses) / len(losses) if losses else float("nan")
+        stats = dict(client_flops=client_flops, server_flops=server_flops,
+                     client_memory=meters[0].peak_bytes, server_memory=meters[1].peak_bytes)
+        if failure:
+            ctx.transport.upload(Message("client_failure", meta={"reason": failure}), round=round, client=cid)
+            return Session(None, None, mean_loss, failure=failure, **stats)
+        up = ctx.transport.upload(Message("client_adapter", client_state,
+                                          {"num_samples": len(self.streams[cid].indices), "train_loss": mean_loss}),
+                                  round=round, client=cid)
+        return Session(up.tensors, {k: state[k] for k in body_keys}, mean_loss, **stats)
+
+    # -- the round ----------------------------------------------------------------------------
+    def run_round(self, round: int) -> RoundResult:
+        cfg, L = self.ctx.cfg, self.split.num_layers
+        shared = cfg.split.server_adapter == "shared"
+        clients = sample_clients(cfg, round)
+        out = RoundResult(train_loss=None, clients=clients)
+        server_body: TensorDict = {}  # V2: the shared body adapter as it evolves through the round
+        sessions: dict[int, Session] = {}
+        for cid in clients:
+            session = self._session(round, cid, server_body if shared else {})
+            out.client_flops[cid] = session.client_flops
+            out.client_peak_memory[cid] = session.client_memory
+            out.server_flops += session.server_flops
+            out.server_peak_memory = max(out.server_peak_memory, session.server_memory)
+            if session.failure:
+                out.rejected.append({"client": cid, "reason": session.failure})
+                self.ctx.progress.log(f"[yellow]round {round}: client {cid} rejected: {session.failure}")
+                continue
+            sessions[cid] = session
+            if shared:
+                server_body.update(session.body_state)
+        if sessions:
+            self._aggregate(sessions, server_body if shared else None)
+            total = sum(len(self.streams[c].indices) for c in sessions)
+            out.train_loss = sum(s.loss * len(self.streams[c].indices) for c, s in sessions.items()) / total
+        out.extra["cuts"] = {str(c): self.cuts[c] for c in clients}
+        if cfg.split.adaptive and sessions:
+            self._adapt(sorted(sessions))
+        for c in range(len(self.ctx.partitions)):
+            self.cut_history[c].append(self.cuts[c])
+        return out
+
+    def _aggregate(self, sessions: dict[int, Session], shared_body: TensorDict | None) -> None:
+        weight = {c: float(len(self.streams[c].indices)) for c in sessions}
+        for key, block in self.key_block.items():
+            versions, server_weight = [], 0.0
+            for c, s in sessions.items():
+                if key in s.client_state:
+                    versions.append((s.client_state[key], weight[c]))
+                elif shared_body is None:
+                    versions.append((s.body_state[key], weight[c]))
+                else:
+                    server_weight += weight[c]
+            if shared_body is not None and server_weight > 0:
+                versions.append((shared_body[key], server_weight))
+            if versions:
+                self.global_state[key] = _weighted_mean(versions)
+
+    def _adapt(self, clients: list[int]) -> None:
+        """Score each client on its held-out validation samples with the new global model; move cuts."""
+        ctx, s = self.ctx, self.ctx.cfg.split
+        self.load_global()
+        scores = {}
+        for cid in clients:
+            samples = [ctx.train_samples[i] for i in self.val_rows[cid]]
+            ev = evaluate(ctx.model, samples, batch_size=ctx.cfg.eval.batch_size, pad_token_id=ctx.pad_token_id,
+                          device=ctx.device)
+            scores[cid] = -ev.loss
+        self.cuts.update(adapt_cuts({c: self.cuts[c] for c in clients}, scores, gamma=s.gamma,
+                                    num_layers=self.split.num_layers, max_blocks=self.max_blocks))
+        self.last_scores = scores
+
+    # -- state --------------------------------------------------------------------------------
+    def load_global(self) -> None:
+        load_adapter_state(self.ctx.model, self.global_state)
+
+    def state_dict(self) -> dict:
+        return {"global_state": self.global_state, "cuts": {str(c): k for c, k in self.cuts.items()},
+                "cut_history": {str(c): h for c, h in self.cut_history.items()},
+                "streams": [st.state_dict() for st in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_state = dict(state["global_state"])
+        load_adapter_state(self.ctx.model, self.global_state)
+        self.cuts = {int(c): int(k) for c, k in state["cuts"].items()}
+        self.cut_history = {int(c): [int(k) for k in h] for c, h in state["cut_history"].items()}
+        for stream, st in zip(self.streams, state["streams"], strict=True):
+            stream.load_state_dict(st)
+
+    def client_sizes(self) -> dict[int, int]:
+        return {cid: len(st.indices) for cid, st in enumerate(self.streams)}
+
+    def summary_extra(self) -> dict:
+        ledger = self.ctx.ledger
+        up_kinds = ("activations", "tail_gradients")
+        down_kinds = ("gradients", "body_output")
+        return {
+            "comm": {
+                "activation_uplink_bytes": ledger.bytes(kind="activations", direction=UP),
+                "gradient_downlink_bytes": ledger.bytes(kind="gradients", direction=DOWN),
+                "body_output_downlink_bytes": ledger.bytes(kind="body_output", direction=DOWN),
+                "tail_gradient_uplink_bytes": ledger.bytes(kind="tail_gradients", direction=UP),
+                "adapter_bytes": ledger.bytes(kind="client_adapter"),
+                "exchange_bytes": sum(ledger.bytes(kind=k, direction=UP) for k in up_kinds)
+                + sum(ledger.bytes(kind=k, direction=DOWN) for k in down_kinds),
+            },
+            "clients": {c: {"cut_layer": h} for c, h in self.cut_history.items()},
+            "split": {"ushape": bool(self.tail), "tail": self.tail, "num_layers": self.split.num_layers,
+                      "server_adapter": self.ctx.cfg.split.server_adapter, "adaptive": self.ctx.cfg.split.adaptive},
+        }
