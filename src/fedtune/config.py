@@ -176,6 +176,19 @@ class FederationConfig(Section):
         return self.clients_per_round or self.num_clients
 
 
+class CustomDevice(Section):
+    flops_per_s: float = Field(gt=0, description="Sustained training throughput, FLOP/s.")
+    memory_gb: float = Field(gt=0, description="Memory available for training, GB (10^9 bytes).")
+    tx_power_w: float = Field(0.2, gt=0, description="Uplink transmit power, W.")
+
+
+class DevicesConfig(Section):
+    profiles: list[str] = Field(
+        default_factory=list, description="Device per client (one name for all, or one per client): presets "
+        "'phone', 'jetson', 'laptop', 'workstation', or a name defined under [devices.custom].")
+    custom: dict[str, CustomDevice] = Field(default_factory=dict, description="Your own device profiles by name.")
+
+
 class SplitConfig(Section):
     cut: int = Field(3, ge=1, description="Blocks on the client (cut after this many blocks), unless `cuts` gives one per client.")
     cuts: list[int] | None = Field(None, description="Static per-client cut layers (one per client); overrides `cut`.")
@@ -189,7 +202,12 @@ class SplitConfig(Section):
     gamma: float = Field(0.5, gt=0, description="Adaptive cut step: delta = round(gamma * (score - mean) / |mean| * L).")
     val_samples: int = Field(8, ge=1, description="Per-client validation samples (held out of its training data) that score the adaptive cut.")
     max_client_blocks: list[int] | None = Field(
-        None, description="Per-client capacity bound on blocks held (device memory/compute); none = L - 1.")
+        None, description="Per-client capacity bound on blocks held; none = from device profiles if set, else L - 1.")
+    cut_policy: Literal["config", "profiles"] = Field(
+        "config", description="Initial cuts from `cut`/`cuts` ('config'), or the most blocks each client's device "
+        "fits ('profiles': memory measured per block, and the round time budget if set).")
+    round_time_budget_s: float | None = Field(
+        None, gt=0, description="With cut_policy 'profiles': a client's compute per round must fit in this many seconds.")
     cut_rank: int | None = Field(None, gt=0, description="Lower LoRA rank on the blocks adjacent to the cut; none = same as lora.r.")
     cut_rank_side: Literal["client", "server", "both"] = Field(
         "both", description="Which block adjacent to the cut gets cut_rank: the client's last, the server's first, or both.")
@@ -225,6 +243,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -243,6 +262,8 @@ class RunConfig(Section):
                 raise ValueError(f"split.{key} has {len(values)} entries but federation.num_clients = {n}; give one per client")
             if values is not None and min(values) < 1:
                 raise ValueError(f"split.{key} entries must be >= 1, got {values}")
+        if self.split.cut_policy == "profiles" and not self.devices.profiles:
+            raise ValueError("split.cut_policy = 'profiles' needs devices.profiles")
         if self.split.cut_rank is not None and (self.split.cuts is not None or self.split.adaptive):
             raise ValueError("split.cut_rank needs one fixed cut (split.cut): with per-client or adaptive cuts the "
                              "blocks adjacent to the cut differ between clients and rounds")

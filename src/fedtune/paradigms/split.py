@@ -36,7 +36,9 @@ from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state
 from fedtune.models.memory import MemoryMeter
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
+from fedtune.network.devices import client_profiles
 from fedtune.split.adaptive import adapt_cuts
+from fedtune.split.placement import cuts_from_profiles, measure_client_memory, round_flops
 from fedtune.split.cut import Cut, CutError, SplitModel, find_blocks
 
 TensorDict = dict[str, torch.Tensor]
@@ -87,11 +89,14 @@ class SplitFed(Paradigm):
         n = cfg.federation.num_clients
         self.max_blocks = {c: min(L - 1 - self.tail, (s.max_client_blocks or [L] * n)[c]) for c in range(n)}
         self.cuts = {c: (s.cuts[c] if s.cuts else s.cut) for c in range(n)}
+        self.global_state = adapter_state(ctx.model)
+        self.placement: dict = {}
+        if s.cut_policy == "profiles":
+            self._place_by_profiles()
         for cid, k in self.cuts.items():
             Cut(k, self.tail).check(L)
             if k > self.max_blocks[cid]:
                 raise CutError(f"client {cid}: cut after {k} blocks exceeds its capacity of {self.max_blocks[cid]} blocks")
-        self.global_state = adapter_state(ctx.model)
         self.key_block = self._map_keys_to_blocks()
         self.val_rows: dict[int, list[int]] = {}
         streams = []
@@ -107,6 +112,33 @@ class SplitFed(Paradigm):
             streams.append(SampleStream(rows, cfg.seed, cid))
         self.streams = streams
         self.cut_history: dict[int, list[int]] = {c: [k] for c, k in self.cuts.items()}
+
+    def _place_by_profiles(self) -> None:
+        """Initial cuts (and capacities, unless given) from device profiles and measured client memory."""
+        ctx, cfg, L = self.ctx, self.ctx.cfg, self.split.num_layers
+        n = cfg.federation.num_clients
+        profiles = client_profiles(cfg.devices, n)
+        g = torch.Generator().manual_seed(cfg.seed)
+        shape = (cfg.train.batch_size, cfg.data.max_length)
+        ids = torch.randint(0, ctx.model.config.vocab_size, shape, generator=g).to(ctx.device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        memory = measure_client_memory(self.split, batch, ctx.device, self.tail)
+        load_adapter_state(ctx.model, self.global_state)  # lr 0 left the weights as they were; be explicit
+        steps = max(local_steps(cfg, len(p)) for p in ctx.partitions)
+
+        def flops_of(k: int) -> int:
+            return round_flops(ctx.cost, k, self.tail, steps=steps, batch_size=shape[0], seq_len=shape[1])
+
+        cuts, capacities = cuts_from_profiles(profiles, memory, flops_of, num_layers=L, tail=self.tail,
+                                              reference_cut=cfg.split.cut, time_budget_s=cfg.split.round_time_budget_s)
+        self.cuts = dict(enumerate(cuts))
+        if cfg.split.max_client_blocks is None:
+            self.max_blocks = dict(enumerate(capacities))
+        self.placement = {
+            "memory_model": {"fixed_bytes": memory.fixed_bytes, "per_block_bytes": memory.per_block_bytes,
+                             "tail_extra_bytes": memory.tail_extra_bytes},
+            "devices": [p.name for p in profiles], "capacity": [self.max_blocks[c] for c in range(n)],
+        }
 
     def _map_keys_to_blocks(self) -> dict[str, int]:
         prefix = self.split.blocks_name
@@ -328,5 +360,6 @@ class SplitFed(Paradigm):
             },
             "clients": {c: {"cut_layer": h} for c, h in self.cut_history.items()},
             "split": {"ushape": bool(self.tail), "tail": self.tail, "num_layers": self.split.num_layers,
-                      "server_adapter": self.ctx.cfg.split.server_adapter, "adaptive": self.ctx.cfg.split.adaptive},
+                      "server_adapter": self.ctx.cfg.split.server_adapter, "adaptive": self.ctx.cfg.split.adaptive,
+                      "cut_policy": self.ctx.cfg.split.cut_policy, **self.placement},
         }
