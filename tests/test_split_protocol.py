@@ -26,8 +26,8 @@ def server_inbox(monkeypatch):
     received = []
     real = Transport.upload
 
-    def upload(self, message, *, round, client):
-        out = real(self, message, round=round, client=client)
+    def upload(self, message, *, round, client, **kwargs):
+        out = real(self, message, round=round, client=client, **kwargs)
         received.append((out, len(encode(message))))
         return out
 

@@ -213,6 +213,54 @@ class SplitConfig(Section):
         "both", description="Which block adjacent to the cut gets cut_rank: the client's last, the server's first, or both.")
 
 
+INTERFACES = ("activations", "body_output", "tail_gradients", "gradients")
+
+
+class CompressionConfig(Section):
+    method: Literal["none", "splitcom"] = Field(
+        "none", description="'splitcom': temporal reuse (upload a sample's tensor only when it changed) on the split "
+        "interfaces in `interfaces`; 'none': every tensor is sent.")
+    interfaces: list[str] | None = Field(
+        None, description="Split interfaces compressed: 'activations' (up), 'body_output' (down, U-shape), "
+        "'tail_gradients' (up, U-shape), 'gradients' (down). Default: activations; all four in a U-shape.")
+    metric: Literal["cosine", "rel_l2"] = Field(
+        "cosine", description="Similarity of a sample's projected tensor to its cached projection: cosine, or "
+        "1 - relative L2 change. A sample is reused when similarity >= theta.")
+    projection_dim: int = Field(64, ge=1, description="Random projection size per token for the sender's cache.")
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Precision of the receiver's cache of full tensors.")
+    cache_budget_mb: float | None = Field(
+        None, gt=0, description="Memory budget of each receiver cache; past it entries spill to a memory-mapped file.")
+    codec: Literal["none", "fp16", "int8"] = Field(
+        "none", description="Codec for what is sent: as is, fp16, or int8 per token (absmax scale). Padding is never sent "
+        "once any compression is on.")
+    residual: bool = Field(False, description="Send changed samples as a residual against the held copy (the sender then "
+                           "also keeps full copies).")
+    controller: str = Field("fixed", description="Threshold controller: 'fixed', 'bangbang' (validation perplexity), 'ddpg'.")
+    theta: float = Field(0.999, description="Threshold (fixed), and the start for ddpg.")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="Per-interface fixed thresholds overriding theta.")
+    theta_low: float = Field(0.99, description="Bang-bang lax threshold (used while perplexity does not rise).")
+    theta_high: float = Field(0.9999, description="Bang-bang strict threshold (after perplexity rose).")
+    tolerance: float = Field(0.01, ge=0, description="Bang-bang: relative perplexity rise that triggers the strict threshold.")
+    theta_min: float = Field(0.95, description="DDPG action range, lower end.")
+    theta_max: float = Field(0.99999, description="DDPG action range, upper end.")
+    ddpg_lambda: float = Field(1.0, ge=0, description="DDPG reward weight of bytes: r = -loss - lambda * bytes_sent / bytes_full.")
+    ddpg_sigma: float = Field(0.1, ge=0, description="DDPG Gaussian exploration noise (in the [-1, 1] action space).")
+
+    @field_validator("controller")
+    @classmethod
+    def _controller(cls, v: str) -> str:
+        return _choice("fedtune.compression.controllers:CONTROLLERS", v)
+
+    @field_validator("interfaces")
+    @classmethod
+    def _interfaces(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if name not in INTERFACES:
+                raise ValueError(f"unknown interface {name!r}; valid: {', '.join(INTERFACES)}")
+        return v
+
+
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate on the held-out split every N rounds (and after the last).")
     batch_size: int = Field(16, gt=0, description="Eval batch size.")
@@ -244,6 +292,7 @@ class RunConfig(Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -262,6 +311,12 @@ class RunConfig(Section):
                 raise ValueError(f"split.{key} has {len(values)} entries but federation.num_clients = {n}; give one per client")
             if values is not None and min(values) < 1:
                 raise ValueError(f"split.{key} entries must be >= 1, got {values}")
+        if self.compression.method != "none" or self.compression.codec != "none":
+            if self.paradigm != "split":
+                raise ValueError(f"compression applies to the split interfaces; paradigm is {self.paradigm!r}")
+            bad = [i for i in self.compression.interfaces or [] if i in ("body_output", "tail_gradients")]
+            if bad and not self.split.ushape:
+                raise ValueError(f"compression.interfaces {bad} exist only in a U-shape split (split.ushape = true)")
         if self.split.cut_policy == "profiles" and not self.devices.profiles:
             raise ValueError("split.cut_policy = 'profiles' needs devices.profiles")
         if self.split.cut_rank is not None and (self.split.cuts is not None or self.split.adaptive):

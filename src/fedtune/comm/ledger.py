@@ -18,17 +18,23 @@ class LedgerKey:
 
 
 class Ledger:
-    """Accumulates (messages, bytes) per :class:`LedgerKey`; totals are sums over any filter."""
+    """Accumulates (messages, bytes, baseline bytes) per :class:`LedgerKey`; totals are sums over any filter.
+
+    ``baseline`` bytes are what the same message would have cost uncompressed (equal to ``bytes`` for a
+    message no codec touched), so reductions come from the run's own ledger.
+    """
 
     def __init__(self) -> None:
-        self._rows: dict[LedgerKey, list[int]] = defaultdict(lambda: [0, 0])
+        self._rows: dict[LedgerKey, list[int]] = defaultdict(lambda: [0, 0, 0])
 
-    def record(self, round: int, client: int, direction: str, kind: str, nbytes: int) -> None:
+    def record(self, round: int, client: int, direction: str, kind: str, nbytes: int,
+               baseline_bytes: int | None = None) -> None:
         if direction not in (UP, DOWN):
             raise ValueError(f"direction must be {UP!r} or {DOWN!r}, got {direction!r}")
         row = self._rows[LedgerKey(round, client, direction, kind)]
         row[0] += 1
         row[1] += nbytes
+        row[2] += nbytes if baseline_bytes is None else baseline_bytes
 
     def _select(self, **filters) -> list[tuple[LedgerKey, list[int]]]:
         return [
@@ -40,6 +46,10 @@ class Ledger:
     def bytes(self, *, round: int | None = None, client: int | None = None,
               direction: str | None = None, kind: str | None = None) -> int:
         return sum(row[1] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
+
+    def baseline_bytes(self, *, round: int | None = None, client: int | None = None,
+                       direction: str | None = None, kind: str | None = None) -> int:
+        return sum(row[2] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
 
     def messages(self, *, round: int | None = None, client: int | None = None,
                  direction: str | None = None, kind: str | None = None) -> int:
@@ -54,10 +64,10 @@ class Ledger:
             del self._rows[key]
 
     def state_dict(self) -> list[list]:
-        return [[k.round, k.client, k.direction, k.kind, n, b] for k, (n, b) in sorted(
+        return [[k.round, k.client, k.direction, k.kind, n, b, base] for k, (n, b, base) in sorted(
             self._rows.items(), key=lambda kv: (kv[0].round, kv[0].client, kv[0].direction, kv[0].kind))]
 
     def load_state_dict(self, rows: list[list]) -> None:
         self._rows.clear()
-        for rnd, client, direction, kind, n, b in rows:
-            self._rows[LedgerKey(int(rnd), int(client), direction, kind)] = [int(n), int(b)]
+        for rnd, client, direction, kind, n, b, base in rows:
+            self._rows[LedgerKey(int(rnd), int(client), direction, kind)] = [int(n), int(b), int(base)]

@@ -15,15 +15,16 @@ class Transport:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
-    def _carry(self, message: Message, round: int, client: int, direction: str) -> Message:
+    def _carry(self, message: Message, round: int, client: int, direction: str, baseline: Message | None) -> Message:
         data = encode(message)
-        self.ledger.record(round, client, direction, message.kind, len(data))
+        base = len(encode(baseline)) if baseline is not None and baseline is not message else None
+        self.ledger.record(round, client, direction, message.kind, len(data), base)
         return decode(data)
 
-    def upload(self, message: Message, *, round: int, client: int) -> Message:
-        """Client -> server."""
-        return self._carry(message, round, client, UP)
+    def upload(self, message: Message, *, round: int, client: int, baseline: Message | None = None) -> Message:
+        """Client -> server. ``baseline``: the uncompressed message this one stands for (for reductions)."""
+        return self._carry(message, round, client, UP, baseline)
 
-    def download(self, message: Message, *, round: int, client: int) -> Message:
+    def download(self, message: Message, *, round: int, client: int, baseline: Message | None = None) -> Message:
         """Server -> client."""
-        return self._carry(message, round, client, DOWN)
+        return self._carry(message, round, client, DOWN, baseline)

@@ -7,6 +7,7 @@ and whatever the paradigm keeps for it), loaded into the shared model when it tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -41,6 +42,7 @@ class RunContext:
     ledger: Ledger
     transport: Transport
     progress: RunProgress
+    run_dir: Path
 
     @property
     def pad_token_id(self) -> int:
@@ -48,12 +50,17 @@ class RunContext:
 
     def batches(self, stream: SampleStream, steps: int) -> Iterator[dict[str, torch.Tensor]]:
         """``steps`` collated batches drawn from ``stream`` (lazily, so a stopped run draws no more)."""
+        for _, batch in self.indexed_batches(stream, steps):
+            yield batch
+
+    def indexed_batches(self, stream: SampleStream, steps: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """Like :meth:`batches`, with the sample ids (training row indices) of each batch."""
         for _ in range(steps):
             rows = stream.take(self.cfg.train.batch_size)
-            yield collate([self.train_samples[i] for i in rows], self.pad_token_id)
+            yield rows, collate([self.train_samples[i] for i in rows], self.pad_token_id)
 
 
-def build_context(cfg: RunConfig, progress: RunProgress) -> RunContext:
+def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path) -> RunContext:
     """Load model, tokenizer and data; tokenize; partition. Raises FedtuneError subclasses on bad input."""
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
@@ -89,4 +96,5 @@ def build_context(cfg: RunConfig, progress: RunProgress) -> RunContext:
         ledger=ledger,
         transport=Transport(ledger),
         progress=progress,
+        run_dir=Path(run_dir),
     )

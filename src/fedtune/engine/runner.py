@@ -125,7 +125,7 @@ class Runner:
         cfg = self.cfg
         self._prepare_dir(resume)
         progress = RunProgress(cfg.runtime.progress, self.console)
-        ctx = build_context(cfg, progress)
+        ctx = build_context(cfg, progress, self.out)
         self._write_partition(ctx)
         paradigm = PARADIGMS.get(cfg.paradigm)(ctx)
         done = self._restore(paradigm, ctx) if resume else 0
@@ -139,6 +139,8 @@ class Runner:
                 result = paradigm.run_round(round)
                 last = round == cfg.federation.rounds
                 ev = self._evaluate(paradigm, ctx) if (round % cfg.eval.every == 0 or last) else None
+                if ev is not None:
+                    paradigm.observe_eval(round, ev)
                 wall = time.perf_counter() - t0
                 self.accounting.add(result, wall)
                 self.metrics.append(self._round_record(round, result, ev, wall, ctx))

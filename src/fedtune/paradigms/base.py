@@ -37,6 +37,9 @@ class Paradigm:
         """Per-module LoRA ranks (PEFT ``rank_pattern``) this paradigm needs, decided before LoRA is attached."""
         return None
 
+    def observe_eval(self, round: int, result) -> None:
+        """Called after each held-out evaluation (e.g. for controllers driven by validation perplexity)."""
+
     def summary_extra(self) -> dict:
         """Paradigm-specific summary entries: {"comm": {...}, "clients": {id: {...}}, other sections}."""
         return {}

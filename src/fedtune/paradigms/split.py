@@ -26,6 +26,7 @@ import torch
 
 from fedtune.comm.ledger import DOWN, UP
 from fedtune.comm.messages import Message
+from fedtune.compression.channels import SplitChannels
 from fedtune.engine.client_data import SampleStream
 from fedtune.engine.evaluation import evaluate
 from fedtune.engine.seeding import numpy_rng, seed_torch
@@ -112,6 +113,8 @@ class SplitFed(Paradigm):
             streams.append(SampleStream(rows, cfg.seed, cid))
         self.streams = streams
         self.cut_history: dict[int, list[int]] = {c: [k] for c, k in self.cuts.items()}
+        self.channels = SplitChannels(cfg, ctx.model.config.hidden_size, bool(self.tail), ctx.run_dir / "cache")
+        self._sessions_done = 0
 
     def _place_by_profiles(self) -> None:
         """Initial cuts (and capacities, unless given) from device profiles and measured client memory."""
@@ -167,44 +170,52 @@ class SplitFed(Paradigm):
         return torch.nn.ModuleList(modules)
 
     # -- one step ---------------------------------------------------------------------------
-    def _step(self, round: int, cid: int, cut: Cut, batch: TensorDict, opts, meters) -> float | None:
+    def _step(self, round: int, cid: int, cut: Cut, rows: list[int], epoch: int, batch: TensorDict, opts,
+              meters) -> float | None:
         """One split step (see module docstring); returns the loss, or None if it was not finite."""
-        ctx, split, L = self.ctx, self.split, self.split.num_layers
+        ctx, split, L, ch = self.ctx, self.split, self.split.num_layers, self.channels
         transport, device = ctx.transport, ctx.device
         client_opt, server_opt = opts
         client_meter, server_meter = meters
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        cpu_mask = mask.cpu()
+
+        def send(name: str, x: torch.Tensor, extra: dict | None = None, upload: bool = True):
+            message, baseline = ch[name].send(cid, rows, x, cpu_mask, extra or {}, ch.theta(name), epoch)
+            carry = transport.upload if upload else transport.download
+            return carry(message, round=round, client=cid, baseline=baseline)
+
         with client_meter.step():
             act = split.run(0, cut.head, input_ids=ids, attention_mask=mask)
-            payload = {"hidden": act.detach(), "attention_mask": mask.bool()}
+            extra = {"attention_mask": cpu_mask.bool()}
             if not cut.tail:
-                payload["labels"] = labels.to(torch.int32)
-            up = transport.upload(Message("activations", payload), round=round, client=cid)
+                extra["labels"] = labels.cpu().to(torch.int32)
+            up = send("activations", act, extra)
             # ---- server ----
+            server_mask = up.tensors["attention_mask"].long()
             with server_meter.step():
-                h = up.tensors["hidden"].to(device).requires_grad_()
-                server_mask = up.tensors["attention_mask"].to(device).long()
+                h = ch["activations"].receive(cid, up, server_mask).to(device).requires_grad_()
                 if not cut.tail:
-                    out = split.run(cut.head, L, hidden=h, attention_mask=server_mask,
+                    out = split.run(cut.head, L, hidden=h, attention_mask=server_mask.to(device),
                                     labels=up.tensors["labels"].to(device).long())
                     body = None
                 else:
-                    body = split.run(cut.head, L - cut.tail, hidden=h, attention_mask=server_mask)
+                    body = split.run(cut.head, L - cut.tail, hidden=h, attention_mask=server_mask.to(device))
             if cut.tail:
-                down = transport.download(Message("body_output", {"hidden": body.detach()}), round=round, client=cid)
+                down = send("body_output", body, upload=False)
                 # ---- client tail ----
-                t = down.tensors["hidden"].to(device).requires_grad_()
+                t = ch["body_output"].receive(cid, down, cpu_mask).to(device).requires_grad_()
                 out = split.run(L - cut.tail, L, hidden=t, attention_mask=mask, labels=labels)
             loss = out.loss
             if not torch.isfinite(loss):
                 return None
             loss.backward()
             if cut.tail:
-                up_grad = transport.upload(Message("tail_gradients", {"grad": t.grad}), round=round, client=cid)
-                body.backward(up_grad.tensors["grad"].to(device))  # ---- server ----
+                up_grad = send("tail_gradients", t.grad)
+                body.backward(ch["tail_gradients"].receive(cid, up_grad, server_mask).to(device))  # ---- server ----
         self._clip_and_step(server_opt)
-        down = transport.download(Message("gradients", {"grad": h.grad}), round=round, client=cid)
-        act.backward(down.tensors["grad"].to(device))  # ---- client ----
+        down = send("gradients", h.grad, upload=False)
+        act.backward(ch["gradients"].receive(cid, down, cpu_mask).to(device))  # ---- client ----
         self._clip_and_step(client_opt)
         server_meter.observe(torch.nn.ModuleList([split.blocks[b] for b in cut.body(L)]), server_opt)
         client_meter.observe(self._client_modules(cut), client_opt)
@@ -234,9 +245,11 @@ class SplitFed(Paradigm):
         ctx.progress.start_steps(f"round {round} client {cid} (cut {cut.head})", steps)
         ctx.model.train()
         losses, client_flops, server_flops, failure = [], 0, 0, None
-        for batch in ctx.batches(self.streams[cid], steps):
+        self.channels.start_session()
+        stream = self.streams[cid]
+        for rows, batch in ctx.indexed_batches(stream, steps):
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            loss = self._step(round, cid, cut, batch, opts, meters)
+            loss = self._step(round, cid, cut, rows, stream.epoch, batch, opts, meters)
             if loss is None:
                 failure = f"non-finite loss at step {len(losses) + 1}"
                 break
@@ -247,6 +260,10 @@ class SplitFed(Paradigm):
             if cut.tail:
                 client_flops += train_flops(ctx.cost, tokens, seq, blocks=range(L - cut.tail, L), head=True)
             server_flops += train_flops(ctx.cost, tokens, seq, blocks=cut.body(L), head=not cut.tail)
+        progress = (round - 1 + (self._sessions_done + 1) / cfg.federation.sampled) / cfg.federation.rounds
+        self._sessions_done += 1
+        self.channels.end_session(round, cid, sum(losses) / len(losses) if losses else float("inf"), progress,
+                                  ctx.ledger)
         state = adapter_state(ctx.model)
         client_state = {k: state[k] for k in client_keys}
         if failure is None and not _finite(client_state):
@@ -267,6 +284,7 @@ class SplitFed(Paradigm):
         cfg, L = self.ctx.cfg, self.split.num_layers
         shared = cfg.split.server_adapter == "shared"
         clients = sample_clients(cfg, round)
+        self._sessions_done = 0
         out = RoundResult(train_loss=None, clients=clients)
         server_body: TensorDict = {}  # V2: the shared body adapter as it evolves through the round
         sessions: dict[int, Session] = {}
@@ -288,6 +306,10 @@ class SplitFed(Paradigm):
             total = sum(len(self.streams[c].indices) for c in sessions)
             out.train_loss = sum(s.loss * len(self.streams[c].indices) for c, s in sessions.items()) / total
         out.extra["cuts"] = {str(c): self.cuts[c] for c in clients}
+        if self.channels.controllers:
+            out.extra["thresholds"] = {n: [t[2] for t in traj if t[0] == round]
+                                       for n, traj in self.channels.trajectory.items()}
+            out.extra["upload_ratio"] = {n: self.channels[n].counts.ratio for n in self.channels.controllers}
         if cfg.split.adaptive and sessions:
             self._adapt(sorted(sessions))
         for c in range(len(self.ctx.partitions)):
@@ -331,7 +353,7 @@ class SplitFed(Paradigm):
     def state_dict(self) -> dict:
         return {"global_state": self.global_state, "cuts": {str(c): k for c, k in self.cuts.items()},
                 "cut_history": {str(c): h for c, h in self.cut_history.items()},
-                "streams": [st.state_dict() for st in self.streams]}
+                "streams": [st.state_dict() for st in self.streams], "channels": self.channels.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_state = dict(state["global_state"])
@@ -340,6 +362,10 @@ class SplitFed(Paradigm):
         self.cut_history = {int(c): [int(k) for k in h] for c, h in state["cut_history"].items()}
         for stream, st in zip(self.streams, state["streams"], strict=True):
             stream.load_state_dict(st)
+        self.channels.load_state_dict(state["channels"])
+
+    def observe_eval(self, round: int, result) -> None:
+        self.channels.observe_eval(result.ppl)
 
     def client_sizes(self) -> dict[int, int]:
         return {cid: len(st.indices) for cid, st in enumerate(self.streams)}
@@ -348,8 +374,11 @@ class SplitFed(Paradigm):
         ledger = self.ctx.ledger
         up_kinds = ("activations", "tail_gradients")
         down_kinds = ("gradients", "body_output")
+        compression = self.channels.summary(ledger)
         return {
+            "compression": compression["compression"],
             "comm": {
+                **compression["comm"],
                 "activation_uplink_bytes": ledger.bytes(kind="activations", direction=UP),
                 "gradient_downlink_bytes": ledger.bytes(kind="gradients", direction=DOWN),
                 "body_output_downlink_bytes": ledger.bytes(kind="body_output", direction=DOWN),

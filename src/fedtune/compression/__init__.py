@@ -1,0 +1,1 @@
+"""Compression on the split interfaces: SplitCom temporal reuse, threshold controllers, codecs, caches."""

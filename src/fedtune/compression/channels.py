@@ -1,0 +1,121 @@
+"""The split interfaces of a run, each with its codec, SplitCom reuse caches and threshold controller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedtune.comm.ledger import DOWN, UP, Ledger
+from fedtune.compression.controllers import ControllerSettings, SessionObservation, make_controller
+from fedtune.compression.interfaces import Interface, InterfaceSettings
+from fedtune.engine.seeding import derive_seed
+
+#: interface -> (tensor field, direction, sender side)
+INTERFACES = {
+    "activations": ("hidden", UP, "client"),
+    "body_output": ("hidden", DOWN, "server"),
+    "tail_gradients": ("grad", UP, "client"),
+    "gradients": ("grad", DOWN, "server"),
+}
+
+
+class SplitChannels:
+    """Builds the interfaces from ``[compression]``; one controller per interface that reuses."""
+
+    def __init__(self, cfg, d_model: int, ushape: bool, spill_dir: Path) -> None:
+        c = cfg.compression
+        names = ["activations", "gradients"] + (["body_output", "tail_gradients"] if ushape else [])
+        enabled = c.method != "none" or c.codec != "none"
+        default = names if ushape else ["activations"]
+        selected = set(c.interfaces or default) if enabled else set()
+        budget = int(c.cache_budget_mb * 1e6) if c.cache_budget_mb else None
+        self.ifaces: dict[str, Interface] = {}
+        self.controllers = {}
+        for name in names:
+            field = INTERFACES[name][0]
+            on = name in selected
+            settings = InterfaceSettings(
+                kind=name, field=field, codec=c.codec if on else "none", reuse=on and c.method == "splitcom",
+                metric=c.metric, projection_dim=c.projection_dim, cache_dtype=getattr(torch, c.cache_dtype),
+                receiver_budget_bytes=budget, residual=c.residual and on)
+            self.ifaces[name] = Interface(settings, d_model, derive_seed(cfg.seed, "projection", name), spill_dir)
+            if settings.reuse:
+                self.controllers[name] = make_controller(ControllerSettings(
+                    name=c.controller, theta=c.thresholds.get(name, c.theta), theta_low=c.theta_low,
+                    theta_high=c.theta_high, tolerance=c.tolerance, theta_min=c.theta_min, theta_max=c.theta_max,
+                    lam=c.ddpg_lambda, sigma=c.ddpg_sigma), derive_seed(cfg.seed, "controller", name))
+        self.thetas: dict[str, float] = {}
+        self.trajectory: dict[str, list[list]] = {name: [] for name in self.controllers}
+        self._counts_at_start: dict[str, tuple[int, int]] = {}
+
+    def __getitem__(self, name: str) -> Interface:
+        return self.ifaces[name]
+
+    def theta(self, name: str) -> float:
+        return self.thetas.get(name, 1.0)
+
+    def start_session(self) -> None:
+        self.thetas = {name: ctrl.start_session() for name, ctrl in self.controllers.items()}
+        self._counts_at_start = {n: (i.counts.sent, i.counts.total) for n, i in self.ifaces.items()}
+
+    def end_session(self, round: int, client: int, loss: float, progress: float, ledger: Ledger) -> None:
+        for name, ctrl in self.controllers.items():
+            iface = self.ifaces[name]
+            sent0, total0 = self._counts_at_start[name]
+            total = iface.counts.total - total0
+            direction = INTERFACES[name][1]
+            ctrl.end_session(SessionObservation(
+                train_loss=loss, upload_ratio=(iface.counts.sent - sent0) / total if total else 1.0,
+                bytes_sent=ledger.bytes(round=round, client=client, kind=name, direction=direction),
+                bytes_full=ledger.baseline_bytes(round=round, client=client, kind=name, direction=direction),
+                progress=progress))
+            self.trajectory[name].append([round, client, self.thetas[name]])
+
+    def observe_eval(self, eval_ppl: float) -> None:
+        for ctrl in self.controllers.values():
+            ctrl.observe_eval(eval_ppl)
+
+    def state_dict(self) -> dict:
+        return {"ifaces": {n: i.state_dict() for n, i in self.ifaces.items()},
+                "controllers": {n: c.state_dict() for n, c in self.controllers.items()},
+                "trajectory": self.trajectory}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, iface in self.ifaces.items():
+            iface.load_state_dict(state["ifaces"][name])
+        for name, ctrl in self.controllers.items():
+            ctrl.load_state_dict(state["controllers"][name])
+        self.trajectory = {n: [list(x) for x in t] for n, t in state["trajectory"].items()}
+
+    def summary(self, ledger: Ledger) -> dict:
+        """Reductions against the run's own uncompressed equivalent, upload ratios, threshold trajectories."""
+        def reduction(actual: int, baseline: int) -> float:
+            return 1.0 - actual / baseline if baseline else 0.0
+
+        exchange_up = [n for n in self.ifaces if INTERFACES[n][1] == UP]
+        exchange_down = [n for n in self.ifaces if INTERFACES[n][1] == DOWN]
+        ex_up = sum(ledger.bytes(kind=n, direction=UP) for n in exchange_up)
+        ex_up_base = sum(ledger.baseline_bytes(kind=n, direction=UP) for n in exchange_up)
+        ex_all = ex_up + sum(ledger.bytes(kind=n, direction=DOWN) for n in exchange_down)
+        ex_all_base = ex_up_base + sum(ledger.baseline_bytes(kind=n, direction=DOWN) for n in exchange_down)
+        return {
+            "comm": {
+                "uplink_reduction": reduction(ledger.bytes(direction=UP), ledger.baseline_bytes(direction=UP)),
+                "total_reduction": reduction(ledger.bytes(), ledger.baseline_bytes()),
+                "exchange_uplink_reduction": reduction(ex_up, ex_up_base),
+                "exchange_total_reduction": reduction(ex_all, ex_all_base),
+                "uncompressed_uplink_bytes": ledger.baseline_bytes(direction=UP),
+                "uncompressed_total_bytes": ledger.baseline_bytes(),
+            },
+            "compression": {
+                name: {
+                    "codec": iface.s.codec, "reuse": iface.s.reuse, "upload_ratio": iface.counts.ratio,
+                    "upload_ratio_per_epoch": {str(e): s / t if t else 1.0
+                                               for e, (s, t) in sorted(iface.counts.by_epoch.items())},
+                    "threshold_trajectory": self.trajectory.get(name, []),
+                    "bytes": ledger.bytes(kind=name), "uncompressed_bytes": ledger.baseline_bytes(kind=name),
+                }
+                for name, iface in self.ifaces.items()
+            },
+        }

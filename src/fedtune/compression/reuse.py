@@ -1,0 +1,114 @@
+"""SplitCom temporal reuse on one split interface (one direction), sender and receiver sides apart.
+
+Per (client, sample id), the **sender** keeps a random projection of what the receiver holds for that sample
+(it never leaves the sender); the **receiver** keeps the full tensor in low precision (a :class:`TensorStore`
+that spills to disk past its memory budget). Each step, per sample: the similarity between the projection
+of the current tensor and the cached projection is compared with the threshold theta; at or above it only a
+skip flag crosses and the receiver reuses its copy; below it the sample's rows are sent (through the codec,
+optionally as a residual against the held copy) and both caches update. Only the valid (unpadded) tokens of
+a sample are ever sent or cached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fedtune.compression.codecs import Codec
+from fedtune.compression.store import TensorStore
+
+Key = tuple[int, int]  # (client, sample id)
+
+
+class Projector:
+    """Seeded Gaussian projection of each token's d-vector to k dimensions."""
+
+    def __init__(self, d_model: int, dim: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.matrix = torch.randn(d_model, dim, generator=g) / math.sqrt(dim)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.detach().float().cpu() @ self.matrix
+
+
+def similarity(metric: str, current: torch.Tensor, cached: torch.Tensor) -> float:
+    """Higher = more similar. cosine: cos of the flattened projections; rel_l2: 1 - ||p - c|| / ||c||."""
+    p, c = current.flatten(), cached.flatten().float()
+    if metric == "cosine":
+        return float(F.cosine_similarity(p, c, dim=0))
+    return 1.0 - float((p - c).norm() / c.norm().clamp_min(1e-12))
+
+
+@dataclass
+class BatchDecision:
+    sent: list[bool]  # per sample: uploaded (True) or reused (False)
+    residual: list[bool]  # per sample: sent as a residual against the held copy
+
+
+class ReuseSender:
+    """Sender side: projections of what the receiver holds, and (residual mode) the held copies themselves."""
+
+    def __init__(self, d_model: int, dim: int, seed: int, metric: str, residual: bool, held_dtype: torch.dtype,
+                 spill_dir: Path) -> None:
+        self.projector = Projector(d_model, dim, seed)
+        self.metric = metric
+        self.projections = TensorStore(torch.float32, None, spill_dir)
+        self.held = TensorStore(held_dtype, None, spill_dir) if residual else None
+
+    def decide(self, keys: list[Key], rows: list[torch.Tensor], theta: float) -> BatchDecision:
+        sent, residual = [], []
+        for key, x in zip(keys, rows):
+            known = key in self.projections
+            skip = known and similarity(self.metric, self.projector(x), self.projections.get(key)) >= theta
+            sent.append(not skip)
+            residual.append(bool(not skip and known and self.held is not None))
+        return BatchDecision(sent, residual)
+
+    def reference(self, key: Key) -> torch.Tensor:
+        return self.held.get(key).float()
+
+    def commit(self, key: Key, held: torch.Tensor) -> None:
+        """Record that the receiver now holds ``held`` for ``key``."""
+        self.projections.put(key, self.projector(held))
+        if self.held is not None:
+            self.held.put(key, held)
+
+    def state_dict(self) -> dict:
+        return {"projections": self.projections.state_dict(),
+                "held": self.held.state_dict() if self.held is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.projections.load_state_dict(state["projections"])
+        if self.held is not None:
+            self.held.load_state_dict(state["held"])
+
+
+class ReuseReceiver:
+    """Receiver side: the full tensor last received per (client, sample), in low precision."""
+
+    def __init__(self, dtype: torch.dtype, budget_bytes: int | None, spill_dir: Path) -> None:
+        self.store = TensorStore(dtype, budget_bytes, spill_dir)
+
+    def accept(self, key: Key, rows: torch.Tensor) -> None:
+        self.store.put(key, rows)
+
+    def reuse(self, key: Key) -> torch.Tensor:
+        if key not in self.store:
+            raise RuntimeError(f"protocol error: skip flag for {key} but nothing cached for it")
+        return self.store.get(key).float()
+
+    def state_dict(self) -> dict:
+        return self.store.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.store.load_state_dict(state)
+
+
+def held_after_send(codec: Codec, rows: torch.Tensor, reference: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """What the receiver will hold after ``rows`` is sent (optionally as a residual against ``reference``)."""
+    decoded = codec.roundtrip(rows - reference) + reference if reference is not None else codec.roundtrip(rows)
+    return decoded.to(dtype)
