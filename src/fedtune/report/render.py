@@ -76,7 +76,22 @@ def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("Client peak memory", format_bytes(memory.get("client_peak_bytes"))),
         ("Wall time", format_seconds(time.get("wall_s"))),
         ("Simulated time", format_seconds(time.get("simulated_s"))),
-    ]
+    ] + _split_rows(summary)
+
+
+def _split_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Extra rows for split runs (exchange bytes, cut layers) and compressed runs (reductions)."""
+    comm, rows = summary.get("comm") or {}, []
+    if "activation_uplink_bytes" in comm:
+        rows += [("Activations up", format_bytes(comm.get("activation_uplink_bytes"))),
+                 ("Gradients down", format_bytes(comm.get("gradient_downlink_bytes")))]
+        cuts = [c.get("cut_layer") for c in summary.get("clients") or [] if c.get("cut_layer")]
+        if cuts:
+            rows.append(("Cut layers (start → end)", " ".join(f"{h[0]}→{h[-1]}" for h in cuts)))
+    if "uplink_reduction" in comm:
+        rows += [("Uplink reduction", f"{100 * comm['uplink_reduction']:.2f} %"),
+                 ("Total reduction", f"{100 * comm['total_reduction']:.2f} %")]
+    return rows
 
 
 # --- reading a run directory -------------------------------------------------------------------------------------
