@@ -261,6 +261,26 @@ class CompressionConfig(Section):
         return v
 
 
+class KDConfig(Section):
+    public_samples: int = Field(32, ge=1, description="KD-FedLLM public (proxy) prompt set: this many training samples "
+                                "(a seeded choice) held out of every client's partition; clients share logits on them.")
+    topk: int = Field(8, ge=0, description="Logits uploaded per public position: the top-k values (fp16) and indices "
+                      "(int32); 0 = the full vocabulary (fp16). The server also sends down the top-k of the aggregate.")
+    temperature: float = Field(2.0, gt=0, description="Distillation temperature T (soft labels = softmax(logits / T)).")
+    beta: float = Field(1.0, ge=0, description="Weight of the distillation term: CE(private) + beta * T^2 * KL(soft || own).")
+    aggregation: str = Field("mean", description="How the server combines the clients' sparse distributions per "
+                             "position: 'mean', or 'confidence' (each client weighted by its max probability).")
+    distill_steps: int = Field(2, ge=0, description="Pure distillation steps on public batches each client runs per "
+                               "round before its private steps, once soft labels exist (and the server model's steps).")
+    server_model: bool = Field(False, description="The server keeps its own adapter, distilled from the aggregate each "
+                               "round, and it is the evaluated model; otherwise the largest client's adapter is.")
+
+    @field_validator("aggregation")
+    @classmethod
+    def _aggregation(cls, v: str) -> str:
+        return _choice("fedtune.kd.aggregation:AGGREGATORS", v)
+
+
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate on the held-out split every N rounds (and after the last).")
     batch_size: int = Field(16, gt=0, description="Eval batch size.")
@@ -280,8 +300,9 @@ class CheckpointConfig(Section):
 
 
 class RunConfig(Section):
-    paradigm: str = Field("fedllm", description="'fedllm' (federated LoRA), 'split' (split federated, SplitFed/SplitFT) "
-                          "or 'centralized' (reference, no federation).")
+    paradigm: str = Field("fedllm", description="'fedllm' (federated LoRA), 'split' (split federated, SplitFed/SplitFT), "
+                          "'kd' (KD-FedLLM: clients share top-k logits on a public set) or 'centralized' "
+                          "(reference, no federation).")
     seed: int = Field(0, description="Seed of every random choice in the run.")
     name: str = Field("run", description="Run name, used in reports.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -293,6 +314,7 @@ class RunConfig(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -1,0 +1,310 @@
+"""KD-FedLLM: clients keep their own LoRA adapters and share knowledge only through logits on a public set.
+
+Setup: ``kd.public_samples`` training rows (a seeded choice) form the public (proxy) prompt set and are removed
+from every client's partition. Its response positions (labels != -100, shifted as in next-token prediction: the
+logits at t predict labels[t + 1]) form one fixed, flattened list of P positions that aligns all clients.
+
+Per round, for each sampled client (its own adapter loaded into the shared model):
+
+1. if soft labels from the previous round exist, they are downloaded ("soft_labels"); the client runs
+   ``kd.distill_steps`` pure distillation steps on public batches, then ``local_steps`` steps of
+   ``CE(private batch) + beta * T^2 * KL(soft || own)`` (each step pairs a private batch with a public batch).
+   Without soft labels (round 1) it trains plain CE;
+2. it computes logits on the public set (eval mode, no grad), keeps the top-k per position (fp16 values, int32
+   indices; k = 0: the full vocabulary in fp16) and uploads them ("public_logits").
+
+The server turns the uploads into soft labels (:func:`fedtune.kd.aggregation.aggregate_logits`) for the next round;
+with ``kd.server_model`` it also distils its own adapter from them (``kd.distill_steps`` steps).
+
+There is no parameter averaging, so there is no single global model. The evaluated (and saved) model is the
+server's adapter with ``kd.server_model``, else the adapter of the client with the most training samples (lowest
+id on ties). Every round each client's own eval loss goes to the round record (``client_eval_loss``), and their
+mean to the summary (``kd.mean_client_eval_loss``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.comm.messages import Message
+from fedtune.data.formatting import collate
+from fedtune.engine.client_data import SampleStream
+from fedtune.engine.evaluation import evaluate
+from fedtune.engine.seeding import numpy_rng, seed_torch
+from fedtune.engine.training import make_optimizer, train_steps
+from fedtune.errors import ConfigError
+from fedtune.federated.sampling import local_steps, sample_clients
+from fedtune.kd.aggregation import SoftLabels, aggregate_logits
+from fedtune.kd.distill import distill_loss
+from fedtune.models.flops import forward_flops, train_flops
+from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
+from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
+def _response_count(sample: dict) -> int:
+    """Positions of ``sample`` that predict a labelled token (labels shifted by one)."""
+    return sum(1 for label in sample["labels"][1:] if label != -100)
+
+
+@PARADIGMS.register("kd")
+class KDFed(Paradigm):
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        cfg, kd = ctx.cfg, ctx.cfg.kd
+        n = len(ctx.train_samples)
+        if kd.public_samples >= n:
+            raise ConfigError(f"kd.public_samples ({kd.public_samples}) must be smaller than the {n} training samples")
+        rng = numpy_rng(cfg.seed, "kd-public")
+        self.public_ids = sorted(int(i) for i in rng.choice(n, size=kd.public_samples, replace=False))
+        held = set(self.public_ids)
+        parts = [[i for i in part if i not in held] for part in ctx.partitions]
+        empty = [cid for cid, part in enumerate(parts) if not part]
+        if empty:
+            raise ConfigError(f"kd.public_samples = {kd.public_samples} leaves client(s) {empty} with no private "
+                              "training samples; lower kd.public_samples or use fewer clients")
+        ctx.partitions[:] = parts
+        self.public = [ctx.train_samples[i] for i in self.public_ids]
+        counts = [_response_count(s) for s in self.public]
+        self.offsets = [sum(counts[:j]) for j in range(len(counts))]
+        self.counts = counts
+        self.num_positions = sum(counts)
+        if self.num_positions == 0:
+            raise ConfigError("the KD public set has no response tokens")
+        self.vocab_size = int(ctx.model.get_output_embeddings().weight.shape[0])
+        initial = adapter_state(ctx.model)
+        self.client_states = [dict(initial) for _ in ctx.partitions]
+        self.server_state = dict(initial) if kd.server_model else None
+        self.soft: SoftLabels | None = None
+        self.streams = [SampleStream(part, cfg.seed, cid) for cid, part in enumerate(ctx.partitions)]
+        public_range = list(range(len(self.public)))
+        self.public_streams = [SampleStream(public_range, cfg.seed, f"kd-public-{cid}") for cid in range(len(parts))]
+        self.server_stream = SampleStream(public_range, cfg.seed, "kd-public-server")
+        self.client_eval: dict[int, float] = {}
+        sizes = self.client_sizes()
+        self.largest = max(sizes, key=lambda c: (sizes[c], -c))
+
+    # -- public set ----------------------------------------------------------------------------
+    def _public_batch(self, stream: SampleStream) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A collated public batch and the flat soft-label positions of its response tokens (in row order)."""
+        rows = stream.take(self.ctx.cfg.train.batch_size)
+        batch = collate([self.public[j] for j in rows], self.ctx.pad_token_id)
+        positions = torch.cat([torch.arange(self.offsets[j], self.offsets[j] + self.counts[j]) for j in rows])
+        return batch, positions
+
+    def _distill_term(self, stream: SampleStream, soft: SoftLabels, record: dict) -> torch.Tensor:
+        """Forward a public batch through the (training) model and return ``T^2 * KL(soft || own)`` on it."""
+        ctx, kd = self.ctx, self.ctx.cfg.kd
+        batch, positions = self._public_batch(stream)
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = batch["labels"][:, 1:] != -100
+        student = logits[:, :-1][mask]
+        idx = None if soft.indices is None else soft.indices[positions].to(ctx.device)
+        loss = distill_loss(student, idx, soft.probs[positions].to(ctx.device), soft.mask[positions].to(ctx.device),
+                            kd.temperature)
+        bsz, seq = batch["input_ids"].shape
+        record["flops"] += train_flops(ctx.cost, tokens=bsz * seq, seq_len=seq)
+        record["losses"].append(float(loss.detach()))
+        return loss
+
+    def _distill_only(self, params, stream: SampleStream, soft: SoftLabels, steps: int, weight: float) -> dict:
+        """``steps`` optimizer steps of ``weight * distill`` on public batches (no private data)."""
+        record = {"flops": 0, "losses": [], "failure": None}
+        if steps == 0 or weight == 0:
+            return record
+        cfg = self.ctx.cfg
+        optimizer = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
+        self.ctx.model.train()
+        for step in range(steps):
+            loss = weight * self._distill_term(stream, soft, record)
+            if not torch.isfinite(loss):
+                record["failure"] = f"non-finite distillation loss at step {step + 1}"
+                break
+            loss.backward()
+            if cfg.train.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return record
+
+    @torch.no_grad()
+    def public_logits(self) -> tuple[Message, int]:
+        """The current model's top-k logits on every public position, and the forward FLOPs it took."""
+        ctx, kd = self.ctx, self.ctx.cfg.kd
+        ctx.model.eval()
+        values, indices, flops = [], [], 0
+        size = ctx.cfg.eval.batch_size
+        for start in range(0, len(self.public), size):
+            batch = collate(self.public[start : start + size], ctx.pad_token_id)
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            flat = logits[:, :-1][batch["labels"][:, 1:] != -100].float()
+            if kd.topk:
+                top = flat.topk(min(kd.topk, flat.shape[-1]), dim=-1)
+                values.append(top.values.half().cpu())
+                indices.append(top.indices.to(torch.int32).cpu())
+            else:
+                values.append(flat.half().cpu())
+            bsz, seq = batch["input_ids"].shape
+            flops += forward_flops(ctx.cost, tokens=bsz * seq, seq_len=seq)
+        tensors = {"values": torch.cat(values)}
+        if indices:
+            tensors["indices"] = torch.cat(indices)
+        return Message("public_logits", tensors, {"topk": kd.topk, "num_positions": self.num_positions}), flops
+
+    # -- a client's turn -----------------------------------------------------------------------
+    def train_client(self, round: int, cid: int) -> tuple[Message | None, dict]:
+        ctx, cfg, kd = self.ctx, self.ctx.cfg, self.ctx.cfg.kd
+        load_adapter_state(ctx.model, self.client_states[cid])
+        soft = None
+        if self.soft is not None:
+            down = ctx.transport.download(Message("soft_labels", self.soft.tensors(), {"round": round - 1}),
+                                          round=round, client=cid)
+            soft = SoftLabels.from_tensors(down.tensors)
+        seed_torch(cfg.seed, "kd-client-train", round, cid)
+        params = trainable_parameters(ctx.model)
+        steps = local_steps(cfg, len(self.streams[cid].indices))
+        record = {"flops": 0, "losses": [], "failure": None}
+        if soft is not None:
+            record = self._distill_only(params, self.public_streams[cid], soft, kd.distill_steps, kd.beta)
+        regularizer = None
+        if soft is not None and kd.beta > 0 and record["failure"] is None:
+            regularizer = lambda: kd.beta * self._distill_term(self.public_streams[cid], soft, record)  # noqa: E731
+        ctx.progress.start_steps(f"round {round} client {cid}", steps)
+        result = None
+        if record["failure"] is None:
+            optimizer = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
+            result = train_steps(
+                ctx.model, optimizer, ctx.batches(self.streams[cid], steps),
+                cost=ctx.cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
+                regularizer=regularizer, on_step=ctx.progress.step,
+            )
+        stats = {
+            "flops": record["flops"] + (result.flops if result else 0),
+            "peak_memory": result.peak_memory_bytes if result else 0,
+            "train_loss": result.mean_loss if result else float("nan"),
+            "distill_loss": sum(record["losses"]) / len(record["losses"]) if record["losses"] else None,
+        }
+        state = adapter_state(ctx.model)
+        failure = record["failure"] or (result.failure if result else None)
+        failure = failure or (None if _all_finite(state) else "non-finite adapter weights")
+        if failure:  # keep the adapter it had before this round; it shares no logits
+            load_adapter_state(ctx.model, self.client_states[cid])
+            ctx.transport.upload(Message("client_failure", meta={"reason": failure}), round=round, client=cid)
+            return None, {**stats, "failure": failure}
+        self.client_states[cid] = state
+        message, fwd = self.public_logits()
+        stats["flops"] += fwd
+        return ctx.transport.upload(message, round=round, client=cid), stats
+
+    def _server_distill(self, round: int) -> int:
+        """Distil the server's adapter from the current soft labels; returns its FLOPs."""
+        ctx, kd = self.ctx, self.ctx.cfg.kd
+        load_adapter_state(ctx.model, self.server_state)
+        seed_torch(ctx.cfg.seed, "kd-server-distill", round)
+        record = self._distill_only(trainable_parameters(ctx.model), self.server_stream, self.soft, kd.distill_steps, 1.0)
+        state = adapter_state(ctx.model)
+        if record["failure"] is None and _all_finite(state):
+            self.server_state = state
+        else:
+            ctx.progress.log(f"[yellow]round {round}: server distillation dropped: {record['failure'] or 'non-finite'}")
+        return record["flops"]
+
+    def _evaluate_clients(self, clients: list[int]) -> None:
+        ctx = self.ctx
+        for cid in range(len(self.client_states)):
+            if cid in clients or cid not in self.client_eval:
+                load_adapter_state(ctx.model, self.client_states[cid])
+                self.client_eval[cid] = evaluate(ctx.model, ctx.eval_samples, batch_size=ctx.cfg.eval.batch_size,
+                                                 pad_token_id=ctx.pad_token_id, device=ctx.device).loss
+
+    def run_round(self, round: int) -> RoundResult:
+        ctx, kd = self.ctx, self.ctx.cfg.kd
+        clients = sample_clients(ctx.cfg, round)
+        out = RoundResult(train_loss=None, clients=clients)
+        uploads, losses, distill = [], [], []
+        for cid in clients:
+            message, stats = self.train_client(round, cid)
+            out.client_flops[cid] = stats["flops"]
+            out.client_peak_memory[cid] = stats["peak_memory"]
+            if stats["distill_loss"] is not None:
+                distill.append(stats["distill_loss"])
+            if message is None:
+                out.rejected.append({"client": cid, "reason": stats["failure"]})
+                ctx.progress.log(f"[yellow]round {round}: client {cid} rejected: {stats['failure']}")
+                continue
+            uploads.append((message.tensors["values"], message.tensors.get("indices")))
+            losses.append((stats["train_loss"], len(self.streams[cid].indices)))
+        if uploads:
+            self.soft = aggregate_logits(uploads, temperature=kd.temperature, topk=kd.topk,
+                                         vocab_size=self.vocab_size, method=kd.aggregation)
+            if self.server_state is not None:
+                out.server_flops += self._server_distill(round)
+            total = sum(n for _, n in losses)
+            out.train_loss = sum(l * n for l, n in losses) / total
+        self._evaluate_clients(clients)
+        out.extra["client_eval_loss"] = {str(c): self.client_eval[c] for c in sorted(self.client_eval)}
+        out.extra["mean_client_eval_loss"] = self._mean_client_eval()
+        out.extra["distill_loss"] = sum(distill) / len(distill) if distill else None
+        out.extra["soft_label_positions"] = int(self.soft.mask.sum()) if self.soft is not None else 0
+        return out
+
+    def _mean_client_eval(self) -> float | None:
+        return sum(self.client_eval.values()) / len(self.client_eval) if self.client_eval else None
+
+    # -- the runner's interface ----------------------------------------------------------------
+    def load_global(self) -> None:
+        state = self.server_state if self.server_state is not None else self.client_states[self.largest]
+        load_adapter_state(self.ctx.model, state)
+
+    def summary_extra(self) -> dict:
+        kd = self.ctx.cfg.kd
+        return {
+            "kd": {
+                "mean_client_eval_loss": self._mean_client_eval(),
+                "client_eval_loss": {str(c): v for c, v in sorted(self.client_eval.items())},
+                "evaluated_model": "server" if self.server_state is not None else f"client {self.largest}",
+                "topk": kd.topk, "temperature": kd.temperature, "beta": kd.beta, "aggregation": kd.aggregation,
+                "distill_steps": kd.distill_steps, "public_samples": len(self.public),
+                "public_positions": self.num_positions,
+            },
+            "clients": {c: {"eval_loss": v} for c, v in self.client_eval.items()},
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "client_states": self.client_states,
+            "server_state": self.server_state,
+            "soft": None if self.soft is None else self.soft.tensors(),
+            "streams": [s.state_dict() for s in self.streams],
+            "public_streams": [s.state_dict() for s in self.public_streams],
+            "server_stream": self.server_stream.state_dict(),
+            "client_eval": [[c, v] for c, v in sorted(self.client_eval.items())],
+            "public_ids": list(self.public_ids),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["public_ids"]) != self.public_ids:
+            raise ValueError("the checkpoint's KD public set differs from this run's")
+        if len(state["client_states"]) != len(self.client_states):
+            raise ValueError(f"checkpoint has {len(state['client_states'])} KD clients, this run {len(self.client_states)}")
+        for s in state["client_states"]:
+            load_adapter_state(self.ctx.model, s)  # checks keys and shapes
+        self.client_states = [dict(s) for s in state["client_states"]]
+        if (state["server_state"] is None) != (self.server_state is None):
+            raise ValueError("kd.server_model differs from the checkpoint's")
+        if state["server_state"] is not None:
+            load_adapter_state(self.ctx.model, state["server_state"])
+            self.server_state = dict(state["server_state"])
+        self.soft = None if state["soft"] is None else SoftLabels.from_tensors(state["soft"])
+        for stream, s in zip(self.streams, state["streams"], strict=True):
+            stream.load_state_dict(s)
+        for stream, s in zip(self.public_streams, state["public_streams"], strict=True):
+            stream.load_state_dict(s)
+        self.server_stream.load_state_dict(state["server_stream"])
+        self.client_eval = {int(c): float(v) for c, v in state["client_eval"]}
+        self.load_global()
