@@ -31,6 +31,11 @@ class TrainResult:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite (an update with NaN/inf is never aggregated)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 

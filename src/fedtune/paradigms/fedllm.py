@@ -11,15 +11,12 @@ import torch
 from fedtune.comm.messages import Message
 from fedtune.engine.client_data import SampleStream
 from fedtune.engine.seeding import seed_torch
-from fedtune.engine.training import make_optimizer, train_steps
+from fedtune.engine.training import all_finite, make_optimizer, train_steps
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.federated.strategies import STRATEGIES, ClientUpdate
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 
-
-def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 @PARADIGMS.register("fedllm")
@@ -49,7 +46,7 @@ class FedLLM(Paradigm):
         )
         stats = {"flops": result.flops, "peak_memory": result.peak_memory_bytes}
         update = adapter_state(ctx.model)
-        failure = result.failure or (None if _all_finite(update) else "non-finite adapter weights")
+        failure = result.failure or (None if all_finite(update) else "non-finite adapter weights")
         if failure:
             ctx.transport.upload(Message("client_failure", meta={"reason": failure}), round=round, client=cid)
             return None, {**stats, "failure": failure}

@@ -31,7 +31,7 @@ from fedtune.data.formatting import collate
 from fedtune.engine.client_data import SampleStream
 from fedtune.engine.evaluation import evaluate
 from fedtune.engine.seeding import numpy_rng, seed_torch
-from fedtune.engine.training import make_optimizer, train_steps
+from fedtune.engine.training import all_finite, make_optimizer, train_steps
 from fedtune.errors import ConfigError
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.kd.aggregation import SoftLabels, aggregate_logits
@@ -40,9 +40,6 @@ from fedtune.models.flops import forward_flops, train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 
-
-def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 def _response_count(sample: dict) -> int:
@@ -191,7 +188,7 @@ class KDFed(Paradigm):
         }
         state = adapter_state(ctx.model)
         failure = record["failure"] or (result.failure if result else None)
-        failure = failure or (None if _all_finite(state) else "non-finite adapter weights")
+        failure = failure or (None if all_finite(state) else "non-finite adapter weights")
         if failure:  # keep the adapter it had before this round; it shares no logits
             load_adapter_state(ctx.model, self.client_states[cid])
             ctx.transport.upload(Message("client_failure", meta={"reason": failure}), round=round, client=cid)
@@ -208,7 +205,7 @@ class KDFed(Paradigm):
         seed_torch(ctx.cfg.seed, "kd-server-distill", round)
         record = self._distill_only(trainable_parameters(ctx.model), self.server_stream, self.soft, kd.distill_steps, 1.0)
         state = adapter_state(ctx.model)
-        if record["failure"] is None and _all_finite(state):
+        if record["failure"] is None and all_finite(state):
             self.server_state = state
         else:
             ctx.progress.log(f"[yellow]round {round}: server distillation dropped: {record['failure'] or 'non-finite'}")

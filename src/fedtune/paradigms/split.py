@@ -30,7 +30,7 @@ from fedtune.compression.channels import SplitChannels
 from fedtune.engine.client_data import SampleStream
 from fedtune.engine.evaluation import evaluate
 from fedtune.engine.seeding import numpy_rng, seed_torch
-from fedtune.engine.training import make_optimizer
+from fedtune.engine.training import all_finite, make_optimizer
 from fedtune.errors import ConfigError
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.models.flops import train_flops
@@ -44,9 +44,6 @@ from fedtune.split.cut import Cut, CutError, SplitModel, find_blocks
 
 TensorDict = dict[str, torch.Tensor]
 
-
-def _finite(tensors: TensorDict) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 def _weighted_mean(versions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
@@ -266,7 +263,7 @@ class SplitFed(Paradigm):
                                   ctx.ledger)
         state = adapter_state(ctx.model)
         client_state = {k: state[k] for k in client_keys}
-        if failure is None and not _finite(client_state):
+        if failure is None and not all_finite(client_state):
             failure = "non-finite client adapter weights"
         mean_loss = sum(losses) / len(losses) if losses else float("nan")
         stats = dict(client_flops=client_flops, server_flops=server_flops,
