@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test tiny bench clean-venv
+.PHONY: demo test tiny bench compare clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ tiny: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/fedllm_vs_centralized.py
+
+compare: $(STAMP)
+	$(BIN)/fedtune compare configs/compare.toml --out bench/out/compare
 
 clean-venv:
 	rm -rf $(VENV)

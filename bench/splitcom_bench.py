@@ -37,7 +37,6 @@ import json
 import shutil
 import sys
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,12 +119,17 @@ def shape_overrides(shape: str, cut: int, layers: int | None) -> tuple[list[str]
 
 
 def same_config(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether the run in ``run_dir`` trained with what ``cfg`` would train (keys added to fedtune since it ran
+    take their defaults; runtime settings don't count)."""
+    from fedtune.engine.runner import training_fingerprint
+    from fedtune.errors import ConfigError
+
     path = run_dir / "config.toml"
     if not path.is_file():
         return False
     try:
-        return tomllib.loads(path.read_text()) == tomllib.loads(cfg.to_toml())
-    except (OSError, tomllib.TOMLDecodeError):
+        return training_fingerprint(load_config(path))[0] == training_fingerprint(cfg)[0]
+    except ConfigError:
         return False
 
 

@@ -100,10 +100,11 @@ def test_distill_loss_matches_dense_reference():
     probs = probs / probs.sum(-1, keepdim=True)
     mask = torch.tensor([True, True, False, True, True])
     loss = distill_loss(student, idx.to(torch.int32), probs, mask, T)
-    dense_p = torch.zeros(N, V).scatter(1, idx, probs)
-    log_q = F.log_softmax(student / T, -1)
-    ref = (torch.xlogy(dense_p, dense_p) - dense_p * log_q).sum(-1)[mask].mean() * T**2
+    # top-k: the student renormalised over the same k indices, i.e. a dense KL between the two restrictions
+    on_support = F.log_softmax((student / T).gather(1, idx), -1)
+    ref = (torch.xlogy(probs, probs) - probs * on_support).sum(-1)[mask].mean() * T**2
     assert torch.allclose(loss, ref, atol=1e-6)
+    log_q = F.log_softmax(student / T, -1)
     # full vocabulary: the usual KL
     full = distill_loss(student, None, teacher, torch.ones(N, dtype=torch.bool), T)
     kl = F.kl_div(log_q, teacher, reduction="batchmean") * T**2
@@ -112,6 +113,20 @@ def test_distill_loss_matches_dense_reference():
     assert student.grad[2].abs().sum() == 0  # masked position adds nothing
     empty = distill_loss(student, idx, probs, torch.zeros(N, dtype=torch.bool), T)
     assert float(empty.detach()) == 0.0
+
+
+def test_topk_distillation_does_not_push_a_matching_student_to_sharpen():
+    """A student whose logits equal the teacher's already matches the teacher's top-k soft labels: zero loss and
+    zero gradient, however much mass lies outside the k tokens."""
+    torch.manual_seed(1)
+    T, k = 2.0, 4
+    teacher_logits = torch.randn(6, V)
+    values, idx = teacher_logits.topk(k, -1)
+    soft = torch.softmax(values / T, -1)  # what a single client's upload aggregates to
+    student = teacher_logits.clone().requires_grad_(True)
+    loss = distill_loss(student, idx, soft, torch.ones(6, dtype=torch.bool), T)
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-6 and student.grad.abs().max() < 1e-6
 
 
 def test_tokenizer_mismatch_is_a_config_error(tmp_path):
@@ -202,3 +217,35 @@ def test_resume_gives_identical_results(tmp_path, tiny_config, monkeypatch):
     assert resumed["comm"] == full["comm"] and resumed["final"] == full["final"]
     assert resumed["kd"] == full["kd"] and resumed["kd"]["evaluated_model"] == "server"
     assert resumed["compute"] == full["compute"]
+
+
+SMALL = ("kd.models.small.source='tiny'", "kd.models.small.tiny.arch='llama'", "kd.models.small.tiny.vocab_size=1024",
+         "kd.models.small.tiny.hidden_size=32", "kd.models.small.tiny.num_layers=2",
+         "kd.models.small.tiny.num_heads=2", "kd.models.small.tiny.intermediate_size=64")
+
+
+def test_clients_can_run_a_smaller_model_with_the_same_tokenizer(tmp_path, tiny_config):
+    cfg = tiny_config(*FAST, *SMALL, "kd.client_models=['main','small','small']")
+    summary = Runner(cfg, tmp_path / "hetero").run()
+    assert summary["kd"]["client_models"] == ["main", "small", "small"]
+    assert summary["kd"]["evaluated_model"] == "client 0"
+    flops = {c["id"]: c["flops"] / max(c["rounds_trained"], 1) for c in summary["clients"]}
+    samples = {c["id"]: c["num_samples"] for c in summary["clients"]}
+    # per trained sample the small model costs well under half of the main one
+    assert flops[1] / samples[1] < 0.5 * flops[0] / samples[0]
+    assert all(math.isfinite(c["eval_loss"]) for c in summary["clients"])
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+
+
+def test_a_client_model_with_another_tokenizer_is_refused(tmp_path, tiny_config):
+    other = [s.replace("vocab_size=1024", "vocab_size=512") for s in SMALL]
+    cfg = tiny_config(*FAST, *other, "kd.client_models=['main','small','main']")
+    with pytest.raises(ConfigError, match="kd.models.small: .*share one tokenizer"):
+        Runner(cfg, tmp_path / "bad").run()
+
+
+def test_client_model_names_are_checked(tiny_config):
+    with pytest.raises(ConfigError, match=r"kd.client_models: unknown model\(s\) \['big'\]; valid: main"):
+        tiny_config(*FAST, "kd.client_models=['big']")
+    with pytest.raises(ConfigError, match="applies to paradigm 'kd'"):
+        tiny_config("kd.client_models=['main']")

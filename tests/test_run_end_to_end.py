@@ -48,6 +48,9 @@ def test_summary_keys_and_eval_loss_falls(tiny_run):
     assert on_disk["final"]["eval_loss"] < on_disk["initial"]["eval_loss"] - 0.1
     assert on_disk["comm"]["uplink_bytes"] > 0 and on_disk["compute"]["client_flops"] > 0
     assert on_disk["sample"]["base"] is not None and on_disk["sample"]["tuned"] is not None
+    for when in ("initial", "final"):  # e2e gets BLEU and ROUGE-L by generation
+        assert set(on_disk[when]["metrics"]) == {"bleu", "rougeL"}
+        assert all(0.0 <= v <= 100.0 for v in on_disk[when]["metrics"].values())
 
 
 def test_metrics_lines_and_bytes_match_adapter_messages(tiny_run):

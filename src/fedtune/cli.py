@@ -1,4 +1,4 @@
-"""``fedtune`` command line: run a config, rebuild a report, list config keys."""
+"""``fedtune`` command line: run a config, compare paradigms, rebuild a report, list config keys."""
 
 from __future__ import annotations
 
@@ -34,6 +34,31 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     console.print(f"report: {out / 'report.md'}")
 
 
+def _compare(args: argparse.Namespace, console: Console) -> None:
+    from fedtune.engine.compare import ComparisonPlan, Sweep, run_comparison
+
+    paradigms = [p.strip() for p in args.paradigms.split(",") if p.strip()]
+    plan = ComparisonPlan(config=args.config, paradigms=paradigms, overrides=args.set,
+                          sweeps=[Sweep.parse(s) for s in args.sweep], baselines=not args.no_baselines)
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"[bold]fedtune compare[/] {', '.join(plan.all_paradigms)} "
+                  f"({len(plan.cells())} setting(s)) -> {out}")
+    report = run_comparison(plan, out, console, target_loss=args.target_loss)
+    console.print(report.read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"report: {report}")
+
+
+def _plan(args: argparse.Namespace, console: Console) -> None:
+    from fedtune.config import load_config
+    from fedtune.network.plan_table import print_plan
+
+    cfg = load_config(args.config, args.set)
+    if not cfg.network.enabled:
+        console.print("network.planner is 'none' in this configuration; planning with 'jcpba'")
+        cfg = load_config(args.config, [*args.set, "network.planner=jcpba"])
+    print_plan(cfg, args.round, Console())
+
+
 def _report(args: argparse.Namespace, console: Console) -> None:
     from fedtune.report.render import write_report
 
@@ -61,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run.set_defaults(handler=_run)
+
+    compare = sub.add_parser("compare", help="run several paradigms (and baselines) on the same setting, one report")
+    compare.add_argument("config", help="TOML config shared by every run")
+    compare.add_argument("--paradigms", default="fedllm,kd,split",
+                         help="comma-separated paradigms to compare (default fedllm,kd,split)")
+    compare.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                         help="run everything once per value (repeatable: the product); KEY is a config key or "
+                              "clients, alpha, rank, cut, topk")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    compare.add_argument("--out", help="comparison directory (default runs/compare-TIMESTAMP); "
+                                       "repeat the command with the same --out to resume")
+    compare.add_argument("--target-loss", type=float, default=None,
+                         help="eval loss for 'bytes to target' (default: the worst final loss of the paradigms)")
+    compare.add_argument("--no-baselines", action="store_true", help="skip the centralized and local-only baselines")
+    compare.set_defaults(handler=_compare)
+
+    plan = sub.add_parser("plan", help="one round's network plan per client (bandwidth share, pruning rate, "
+                          "seconds) and every planner's latency, without training")
+    plan.add_argument("config", help="TOML config ([network] planner; devices from [devices])")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan.add_argument("--round", type=int, default=1, help="round whose channel draw is planned (default 1)")
+    plan.set_defaults(handler=_plan)
 
     report = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     report.add_argument("run_dir")

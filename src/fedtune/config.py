@@ -23,10 +23,11 @@ def _registry(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _choice(registry_path: str, value: str) -> str:
+def _choice(registry_path: str, value: str, extra: tuple[str, ...] = ()) -> str:
+    """``value`` if the registry (or ``extra``, e.g. 'none') has it, else an error listing the valid choices."""
     registry = _registry(registry_path)
-    if value not in registry:
-        raise ValueError(f"unknown {registry.kind} {value!r}; valid choices: {', '.join(registry.names())}")
+    if value not in registry and value not in extra:
+        raise ValueError(f"unknown {registry.kind} {value!r}; valid choices: {', '.join([*extra, *registry.names()])}")
     return value
 
 
@@ -150,6 +151,9 @@ class TrainConfig(Section):
 class FederationConfig(Section):
     num_clients: int = Field(4, ge=1, description="Number of simulated clients (partitions).")
     clients_per_round: int | None = Field(None, ge=1, description="Clients sampled each round; none = all.")
+    min_clients: int = Field(1, ge=1, description="A round completes when at least this many of its sampled clients "
+                             "replied (with the Ray backend a turn can be lost to a dead or late worker); at most "
+                             "clients_per_round.")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
     strategy: str = Field("fedavg", description="Server aggregation strategy: 'fedavg', 'fedprox', 'fedadam'.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu.")
@@ -169,6 +173,9 @@ class FederationConfig(Section):
                 f"federation.clients_per_round ({self.clients_per_round}) exceeds "
                 f"federation.num_clients ({self.num_clients}); allowed: 1..{self.num_clients}"
             )
+        if self.min_clients > self.sampled:
+            raise ValueError(f"federation.min_clients ({self.min_clients}) exceeds the {self.sampled} clients sampled "
+                             f"per round; allowed: 1..{self.sampled}")
         return self
 
     @property
@@ -187,6 +194,70 @@ class DevicesConfig(Section):
         default_factory=list, description="Device per client (one name for all, or one per client): presets "
         "'phone', 'jetson', 'laptop', 'workstation', or a name defined under [devices.custom].")
     custom: dict[str, CustomDevice] = Field(default_factory=dict, description="Your own device profiles by name.")
+
+
+class NetworkConfig(Section):
+    """The simulated wireless network that turns bytes and FLOPs into seconds (off while planner = 'none')."""
+
+    planner: str = Field(
+        "none", description="Simulated wireless network and its per-round plan: 'none' (no network: simulated time "
+        "is 0), 'equal' (equal bandwidth, no pruning), 'bandwidth_only', 'pruning_only', 'uniform_pruning', or "
+        "'jcpba' (per-client pruning rates and bandwidth shares minimising round latency). Every other [network] "
+        "key has a default.")
+    bandwidth_hz: float = Field(20e6, gt=0, description="Total uplink band B shared by a round's clients (FDMA "
+                                "shares), Hz; the downlink broadcast uses all of it.")
+    noise_dbm_per_hz: float = Field(-174.0, description="Noise power spectral density N0, dBm/Hz.")
+    path_loss_ref_db: float = Field(128.1, description="Path loss at path_loss_ref_m, dB (default: 3GPP urban "
+                                    "macro, 128.1 + 37.6 log10(d / 1 km)).")
+    path_loss_ref_m: float = Field(1000.0, gt=0, description="Reference distance of path_loss_ref_db, m.")
+    path_loss_exponent: float = Field(3.76, gt=0, description="Path-loss exponent n: "
+                                      "PL(d) = path_loss_ref_db + 10 n log10(d / path_loss_ref_m).")
+    fading: str = Field("rayleigh", description="Block fading, redrawn every round: 'rayleigh' (|h|^2 ~ Exp(1)) or "
+                        "'none' (path loss only).")
+    distances_m: list[float] = Field(
+        default_factory=list, description="Client distances to the server, m (one for all, or one per client); "
+        "empty: drawn once (seeded), uniformly over the area between min_distance_m and max_distance_m.")
+    min_distance_m: float = Field(50.0, gt=0, description="Inner radius of the drawn client positions, m.")
+    max_distance_m: float = Field(500.0, gt=0, description="Outer radius of the drawn client positions, m.")
+    server_tx_power_w: float = Field(20.0, gt=0, description="Server transmit power of the downlink broadcast, W "
+                                     "(clients' uplink power comes from their device profiles).")
+    deadline_s: float | None = Field(None, gt=0, description="Round deadline, simulated seconds: a client finishing "
+                                     "later is a straggler, left out of the round's aggregate (FedLLM) and counted; "
+                                     "none = wait for every client.")
+    rho_max: float = Field(0.5, ge=0, le=0.9, description="Largest pruning rate the planner may give a client.")
+    mean_rho_budget: float = Field(0.3, ge=0, le=0.9, description="Quality constraint: the mean pruning rate over a "
+                                   "round's clients stays within this.")
+    energy_pj_per_flop: float = Field(5.0, ge=0, description="Client compute energy per FLOP, pJ (energy = uplink "
+                                      "power x upload seconds + this x FLOPs); 0 counts radio energy only.")
+
+    @field_validator("planner")
+    @classmethod
+    def _planner(cls, v: str) -> str:
+        return _choice("fedtune.network.planner:PLANNERS", v, extra=("none",))
+
+    @field_validator("fading")
+    @classmethod
+    def _fading(cls, v: str) -> str:
+        return _choice("fedtune.network.channel:FADING", v)
+
+    @field_validator("distances_m")
+    @classmethod
+    def _distances(cls, v: list[float]) -> list[float]:
+        bad = [d for d in v if not d > 0]
+        if bad:
+            raise ValueError(f"network.distances_m entries must be > 0 m, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _ring(self) -> "NetworkConfig":
+        if self.min_distance_m >= self.max_distance_m:
+            raise ValueError(f"network.min_distance_m ({self.min_distance_m}) must be below "
+                             f"network.max_distance_m ({self.max_distance_m})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.planner != "none"
 
 
 class SplitConfig(Section):
@@ -274,6 +345,11 @@ class KDConfig(Section):
                                "round before its private steps, once soft labels exist (and the server model's steps).")
     server_model: bool = Field(False, description="The server keeps its own adapter, distilled from the aggregate each "
                                "round, and it is the evaluated model; otherwise the largest client's adapter is.")
+    client_models: list[str] = Field(default_factory=list, description="Model each client runs (one name for all, "
+                                     "or one per client): 'main' = the [model] section, or a name under "
+                                     "[kd.models]; empty = every client runs [model]. Tokenizers must match.")
+    models: dict[str, ModelConfig] = Field(default_factory=dict, description="Extra client models by name (same "
+                                           "keys as [model]), e.g. a smaller model for weak devices.")
 
     @field_validator("aggregation")
     @classmethod
@@ -281,17 +357,84 @@ class KDConfig(Section):
         return _choice("fedtune.kd.aggregation:AGGREGATORS", v)
 
 
+class PruningConfig(Section):
+    rates: list[float] = Field(
+        default_factory=list, description="FedLLM client-specific structured pruning rate rho_k in [0, 0.9]: one value "
+        "for every client or one per client; empty or 0 = no pruning. A client with rho > 0 trains LoRA on a copy of "
+        "the base model keeping round((1 - rho) * n) MLP channels / KV head groups per block; the server averages "
+        "each adapter coordinate over the clients that kept it.")
+    method: str = Field("magnitude", description="Importance score deciding what a client keeps: 'magnitude' (L2 norm "
+                        "of the weights reading and writing each channel / KV group) or 'random' (seeded baseline).")
+    targets: Literal["mlp", "heads", "both"] = Field(
+        "both", description="What is pruned: MLP channels, attention heads (whole KV groups: a key/value head with its "
+        "query heads), or both.")
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0.0 <= r <= 0.9]
+        if bad:
+            raise ValueError(f"pruning.rates entries must be in [0, 0.9], got {bad}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _choice("fedtune.models.pruning:PRUNING_METHODS", v)
+
+
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate on the held-out split every N rounds (and after the last).")
     batch_size: int = Field(16, gt=0, description="Eval batch size.")
     sample_index: int = Field(0, ge=0, description="Eval sample whose prompt is answered by the base and tuned model.")
-    max_new_tokens: int = Field(40, gt=0, description="Tokens generated for the sample answer.")
+    max_new_tokens: int = Field(40, gt=0, description="Tokens generated for the sample answer and the task metric.")
+    metric: str = Field("auto", description="Task metric by generation on held-out prompts, before training and "
+                        "after: 'bleu_rouge' (BLEU and ROUGE-L), 'exact_match', 'none', or 'auto' (bleu_rouge for "
+                        "e2e and other generation data, exact_match for chatterbot).")
+    metric_samples: int = Field(16, ge=1, description="Distinct held-out prompts answered for the task metric (each "
+                                "scored against all references the eval split has for that prompt).")
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        return _choice("fedtune.metrics.task:TASK_METRICS", v, extra=("auto", "none"))
 
 
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present, else CPU.")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; none = torch default.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; none = torch default (Ray workers: "
+                                "cpus_per_client, at least 1).")
     progress: bool = Field(True, description="Show rich progress bars.")
+    backend: str = Field("inprocess", description="Where client turns run: 'inprocess' (one after another in this "
+                         "process, on one shared model) or 'ray' (in parallel on a pool of Ray actors, each holding "
+                         "its own copy of the model; same results).")
+    address: str = Field("", description="Ray: '' starts a private Ray instance on this machine (loopback only, "
+                         "stopped at the end); 'auto' joins the cluster started on this machine with `ray start`; "
+                         "'HOST:PORT' joins the cluster whose head is there.")
+    auth_token_path: str = Field("", description="Ray: file holding the cluster's authentication token; sets "
+                                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH. Empty: Ray's own settings apply "
+                                 "(RAY_AUTH_MODE, RAY_AUTH_TOKEN[_PATH], ~/.ray/auth_token).")
+    workers: int | None = Field(None, ge=1, description="Ray: worker actors in the pool; none = as many as the "
+                                "cluster fits (CPUs / cpus_per_client, GPUs / gpus_per_client), at most the clients "
+                                "sampled per round (split learning, whose sessions run one at a time: at most 2).")
+    cpus_per_client: float = Field(1.0, gt=0, description="Ray: CPUs each worker actor reserves (fractions allowed).")
+    gpus_per_client: float = Field(0.0, ge=0, description="Ray: GPUs each worker actor reserves; a fraction shares "
+                                   "one GPU (0.25: four workers per GPU); 0 = none.")
+    server_cpus: float = Field(1.0, gt=0, description="Ray, split learning: CPUs the server's worker actor reserves.")
+    server_gpus: float = Field(0.0, ge=0, description="Ray, split learning: GPUs the server's worker actor reserves "
+                               "(e.g. 1 to run the body blocks on a GPU node).")
+    client_timeout_s: float | None = Field(1800.0, gt=0, description="Ray: a client turn (in split learning: one "
+                                           "call of a session) running longer is lost (its worker is killed and "
+                                           "replaced); none = no limit.")
+    max_retries: int = Field(1, ge=0, description="Ray: when fewer than federation.min_clients replied in a round, "
+                             "retry the lost turns on fresh workers this many times before stopping the run.")
+    start_timeout_s: float = Field(300.0, gt=0, description="Ray: seconds to wait for the worker pool to start "
+                                   "(placement + model load) before stopping with an error.")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return _choice("fedtune.runtime:BACKENDS", v)
 
 
 class CheckpointConfig(Section):
@@ -301,8 +444,8 @@ class CheckpointConfig(Section):
 
 class RunConfig(Section):
     paradigm: str = Field("fedllm", description="'fedllm' (federated LoRA), 'split' (split federated, SplitFed/SplitFT), "
-                          "'kd' (KD-FedLLM: clients share top-k logits on a public set) or 'centralized' "
-                          "(reference, no federation).")
+                          "'kd' (KD-FedLLM: clients share top-k logits on a public set), 'centralized' "
+                          "(reference, no federation) or 'local' (baseline: each client trains alone, no exchange).")
     seed: int = Field(0, description="Seed of every random choice in the run.")
     name: str = Field("run", description="Run name, used in reports.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -313,8 +456,10 @@ class RunConfig(Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -344,8 +489,37 @@ class RunConfig(Section):
         if self.split.cut_rank is not None and (self.split.cuts is not None or self.split.adaptive):
             raise ValueError("split.cut_rank needs one fixed cut (split.cut): with per-client or adaptive cuts the "
                              "blocks adjacent to the cut differ between clients and rounds")
+        rates = self.pruning.rates
+        if len(rates) not in (0, 1, n):
+            raise ValueError(f"pruning.rates has {len(rates)} entries but federation.num_clients = {n}; "
+                             "give one rate for all clients or one per client")
+        if any(rates) and self.paradigm != "fedllm":
+            raise ValueError(f"pruning.rates applies to paradigm 'fedllm'; paradigm is {self.paradigm!r}")
+        names, known = self.kd.client_models, {"main", *self.kd.models}
+        if names and self.paradigm != "kd":
+            raise ValueError(f"kd.client_models applies to paradigm 'kd'; paradigm is {self.paradigm!r}")
+        if len(names) not in (0, 1, n):
+            raise ValueError(f"kd.client_models has {len(names)} entries but federation.num_clients = {n}; "
+                             "give one name for all clients or one per client")
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ValueError(f"kd.client_models: unknown model(s) {unknown}; valid: {', '.join(sorted(known))} "
+                             "(define others under [kd.models.NAME])")
         if self.split.cut_rank is not None and self.split.cut_rank > self.lora.r:
             raise ValueError(f"split.cut_rank ({self.split.cut_rank}) must not exceed lora.r ({self.lora.r})")
+        return self
+
+    @model_validator(mode="after")
+    def _runtime_backend(self) -> "RunConfig":
+        _registry("fedtune.runtime:BACKENDS").get(self.runtime.backend).check_config(self)
+        return self
+
+    @model_validator(mode="after")
+    def _network_lists(self) -> "RunConfig":
+        n, d = self.federation.num_clients, self.network.distances_m
+        if len(d) not in (0, 1, n):
+            raise ValueError(f"network.distances_m has {len(d)} entries but federation.num_clients = {n}; "
+                             "give one distance for all clients or one per client")
         return self
 
     def to_toml(self) -> str:

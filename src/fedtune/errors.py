@@ -23,3 +23,19 @@ class CheckpointError(FedtuneError):
 
 class TrainingError(FedtuneError):
     """Training cannot go on (e.g. the loss diverged where no update can be dropped)."""
+
+
+class RoundAbortedError(FedtuneError):
+    """A round cannot complete; the runner stops at a checkpoint of the last complete round, to be resumed."""
+
+    def __init__(self, message: str, round: int) -> None:
+        super().__init__(message)
+        self.round = round
+
+
+class ClientQuorumError(RoundAbortedError):
+    """Too few clients replied in a round (workers died or timed out) even after retries."""
+
+
+class ServerLostError(RoundAbortedError):
+    """The split server's worker died or stopped answering (Ray backend)."""

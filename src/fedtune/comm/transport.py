@@ -16,10 +16,24 @@ class Transport:
         self.ledger = ledger
 
     def _carry(self, message: Message, round: int, client: int, direction: str, baseline: Message | None) -> Message:
+        return decode(self.send(message, round=round, client=client, direction=direction, baseline=baseline))
+
+    def send(self, message: Message, *, round: int, client: int, direction: str,
+             baseline: Message | None = None) -> bytes:
+        """Encode and record a message whose other end is in another process; returns the bytes to ship.
+
+        (The Ray backend: the driver encodes a download here and ships these bytes to the worker.)"""
         data = encode(message)
         base = len(encode(baseline)) if baseline is not None and baseline is not message else None
         self.ledger.record(round, client, direction, message.kind, len(data), base)
-        return decode(data)
+        return data
+
+    def receive(self, data: bytes, *, round: int, client: int, direction: str,
+                baseline_bytes: int | None = None) -> Message:
+        """Record and decode bytes that arrived from another process (the Ray backend: a worker's upload)."""
+        message = decode(data)
+        self.ledger.record(round, client, direction, message.kind, len(data), baseline_bytes)
+        return message
 
     def upload(self, message: Message, *, round: int, client: int, baseline: Message | None = None) -> Message:
         """Client -> server. ``baseline``: the uncompressed message this one stands for (for reductions)."""

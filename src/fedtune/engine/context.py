@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -17,6 +17,7 @@ from fedtune.comm.transport import Transport
 from fedtune.config import RunConfig
 from fedtune.data.formatting import collate, format_prompt, tokenize_examples
 from fedtune.data.partition import partition_indices, partition_summary
+from fedtune.data.references import reference_sets
 from fedtune.data.sources import load_splits
 from fedtune.engine.client_data import SampleStream
 from fedtune.models.flops import ModelCost, model_cost
@@ -36,6 +37,8 @@ class RunContext:
     eval_samples: list[dict]
     sample_prompt: str
     sample_reference: str
+    metric_prompts: list[str]  # chat-formatted held-out prompts for the task metric
+    metric_references: list[list[str]]  # all references of each
     partitions: list[list[int]]
     partition_info: dict
     cost: ModelCost
@@ -43,6 +46,15 @@ class RunContext:
     transport: Transport
     progress: RunProgress
     run_dir: Path
+    #: Optional per-round pruning-rate source (e.g. a JCPBA planner): ``round -> rates`` (a list indexed by client id,
+    #: one value for all, or a {client: rate} mapping), or None to use ``[pruning] rates``. Read by FedLLM.
+    pruning_rates: Callable[[int], Sequence[float] | Mapping[int, float] | None] | None = None
+    #: Where client turns run (``fedtune.runtime``: in-process or Ray); created on first use by
+    #: ``fedtune.runtime.backend_of(ctx)`` from ``runtime.backend``, closed by the runner.
+    backend: object | None = None
+    #: The simulated wireless network (``fedtune.network.simtime.NetworkSim``) when ``[network]`` is on: per-round
+    #: plans, straggler checks, simulated seconds. Set by the runner.
+    network: object | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -79,6 +91,7 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path) -> RunCo
     info.update(method=cfg.partition.method, label_column=label_column)
     sample_index = min(cfg.eval.sample_index, len(splits.eval) - 1)
     sample = splits.eval[sample_index]
+    references = reference_sets(splits.eval, cfg.eval.metric_samples) if cfg.eval.metric != "none" else []
     ledger = Ledger()
     return RunContext(
         cfg=cfg,
@@ -90,6 +103,8 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path) -> RunCo
         eval_samples=[{"input_ids": i, "labels": l} for i, l in zip(evals["input_ids"], evals["labels"])],
         sample_prompt=format_prompt(tokenizer, sample["prompt"], cfg.data.chat_template),
         sample_reference=sample["response"],
+        metric_prompts=[format_prompt(tokenizer, p, cfg.data.chat_template) for p, _ in references],
+        metric_references=[refs for _, refs in references],
         partitions=parts,
         partition_info=info,
         cost=model_cost(model),

@@ -40,3 +40,17 @@ def evaluate(model: torch.nn.Module, samples: list[dict], *, batch_size: int, pa
     if count == 0:
         raise ValueError("the eval split has no labelled tokens")
     return EvalResult(loss=total / count, tokens=count)
+
+
+def task_metrics(ctx) -> dict[str, float] | None:
+    """The configured task metric of ``ctx.model`` by greedy generation on the held-out metric prompts."""
+    from fedtune.metrics.task import resolve_metric, score
+    from fedtune.models.generation import generate_answers
+
+    cfg = ctx.cfg
+    name = resolve_metric(cfg.eval.metric, cfg.data.dataset)
+    if name == "none" or not ctx.metric_prompts:
+        return None
+    answers = generate_answers(ctx.model, ctx.tokenizer, ctx.metric_prompts, cfg.eval.max_new_tokens,
+                               batch_size=cfg.eval.batch_size)
+    return score(name, answers, ctx.metric_references)

@@ -15,10 +15,12 @@ from fedtune.config import RunConfig
 from fedtune.engine.accounting import Accounting
 from fedtune.engine.checkpoint import Checkpointer, atomic_write
 from fedtune.engine.context import RunContext, build_context
-from fedtune.engine.evaluation import EvalResult, evaluate
+from fedtune.engine.evaluation import EvalResult, evaluate, task_metrics
 from fedtune.engine.metrics_log import MetricsLog, json_safe
-from fedtune.errors import CheckpointError, FedtuneError
+from fedtune.errors import CheckpointError, FedtuneError, RoundAbortedError
 from fedtune.models.generation import generate_answer
+from fedtune.network.simtime import NetworkSim
+from fedtune.network.simtime import summarise as summarise_network
 from fedtune.paradigms import PARADIGMS, Paradigm, RoundResult
 from fedtune.progress import RunProgress
 
@@ -119,24 +121,40 @@ class Runner:
             "rejected": result.rejected if result else [],
             "peak_memory_bytes": max(result.client_peak_memory.values(), default=0) if result else 0,
             **(result.extra if result else {}),
+            **(ctx.network.round_record(round, result) if ctx.network is not None and result else {}),
         }
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        self._ctx: RunContext | None = None
+        try:
+            return self._run(resume)
+        finally:  # release the backend's workers (Ray actors; a Ray instance this run started)
+            backend = getattr(self._ctx, "backend", None)
+            if backend is not None:
+                backend.close()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
         self._prepare_dir(resume)
         progress = RunProgress(cfg.runtime.progress, self.console)
-        ctx = build_context(cfg, progress, self.out)
+        ctx = self._ctx = build_context(cfg, progress, self.out)
+        paradigm_cls = PARADIGMS.get(cfg.paradigm)
+        ctx.network = NetworkSim.from_context(ctx, prunes=paradigm_cls.prunes_clients)  # None without a planner
         self._write_partition(ctx)
-        paradigm = PARADIGMS.get(cfg.paradigm)(ctx)
+        paradigm = paradigm_cls(ctx)
         done = self._restore(paradigm, ctx) if resume else 0
         if done == 0:
             t0 = time.perf_counter()
             initial = self._evaluate(paradigm, ctx)
-            self.metrics.append(self._round_record(0, None, initial, time.perf_counter() - t0, ctx))
+            record = self._round_record(0, None, initial, time.perf_counter() - t0, ctx)
+            self.metrics.append({**record, "task_metrics": task_metrics(ctx)})
         with progress.run(cfg.federation.rounds, done):
             for round in range(done + 1, cfg.federation.rounds + 1):
                 t0 = time.perf_counter()
-                result = paradigm.run_round(round)
+                try:
+                    result = paradigm.run_round(round)
+                except RoundAbortedError as exc:
+                    self._stop_at_checkpoint(exc, paradigm, ctx)
                 last = round == cfg.federation.rounds
                 ev = self._evaluate(paradigm, ctx) if (round % cfg.eval.every == 0 or last) else None
                 if ev is not None:
@@ -149,6 +167,23 @@ class Runner:
                 info = f"eval {ev.loss:.4f}" if ev else ""
                 progress.round_done(info)
         return self._finish(paradigm, ctx)
+
+    def _stop_at_checkpoint(self, exc: RoundAbortedError, paradigm: Paradigm, ctx: RunContext) -> None:
+        """A round cannot complete (too few clients replied, the split server was lost): checkpoint the last
+        complete round (unless it already is) and stop.
+
+        The failed round left the paradigm's state as it was (replies are applied only once a round completes);
+        the bytes of its attempts are dropped like those of a killed run's unfinished round."""
+        done = exc.round - 1
+        ctx.ledger.drop_after(done)
+        latest = self.checkpointer.root / "latest"
+        saved = int(latest.read_text().split("-")[1]) if latest.exists() else -1
+        if saved != done:
+            if done == 0:  # nothing trained yet: a resume re-evaluates round 0
+                self.metrics.truncate(-1)
+            self._save(done, paradigm, ctx)
+        raise type(exc)(f"{exc}. The run stopped at the checkpoint of round {done}; continue it with "
+                        f"`fedtune run --resume {self.out}`", exc.round) from None
 
     # -- outputs -----------------------------------------------------------------------------
     def _write_partition(self, ctx: RunContext) -> None:
@@ -169,6 +204,8 @@ class Runner:
             base = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
         summary = self._summary(paradigm, ctx, {"prompt": ctx.sample_prompt, "reference": ctx.sample_reference,
                                                 "base": base, "tuned": tuned})
+        summary["final"]["metrics"] = task_metrics(ctx)
+        summary["runtime"] = ctx.backend.info() if ctx.backend is not None else {"backend": self.cfg.runtime.backend}
         atomic_write(self.out / "summary.json", json.dumps(json_safe(summary), indent=1).encode())
         write_report(self.out)
         return summary
@@ -197,7 +234,8 @@ class Runner:
             "name": self.cfg.name,
             "rounds": self.cfg.federation.rounds,
             "seed": self.cfg.seed,
-            "initial": {"eval_loss": evals[0]["eval_loss"], "eval_ppl": evals[0]["eval_ppl"]},
+            "initial": {"eval_loss": evals[0]["eval_loss"], "eval_ppl": evals[0]["eval_ppl"],
+                        "metrics": records[0].get("task_metrics")},
             "final": {"eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"],
                       "train_loss": trains[-1]["train_loss"] if trains else None},
             "comm": {"uplink_bytes": up, "downlink_bytes": down, "total_bytes": up + down,
@@ -205,13 +243,16 @@ class Runner:
             "compute": {"client_flops": sum(acc.client_flops.values()), "server_flops": acc.server_flops},
             "memory": {"client_peak_bytes": max(acc.client_peak_memory.values(), default=0),
                        "server_peak_bytes": acc.server_peak_memory},
-            "time": {"wall_s": acc.wall_s, "simulated_s": 0.0},
+            "time": {"wall_s": acc.wall_s, "simulated_s": sum(r.get("sim_s") or 0.0 for r in records)},
             "clients": clients,
             "rejected_updates": sum(acc.rejected.values()),
             "sample": sample,
             "model": {"source": self.cfg.model.source, "name": getattr(ctx.base_model.config, "_name_or_path", ""),
                       "params": params, "trainable_params": trainable, "device": str(ctx.device)},
         }
+        if ctx.network is not None:  # per-client compute_s, comm_s, energy_j; stragglers
+            summary["network"] = {"planner": self.cfg.network.planner, **summarise_network(records, clients)}
+            summary["stragglers"] = summary["network"]["stragglers"]
         for section, fields in extra.items():
             summary.setdefault(section, {}).update(fields)
         return summary

@@ -10,15 +10,19 @@ from fedtune.errors import ConfigError
 
 def distill_loss(student_logits: torch.Tensor, soft_indices: torch.Tensor | None, soft_probs: torch.Tensor,
                  mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(soft || softmax(student / T))`` restricted to the soft support, mean over valid positions.
+    """``T^2 * KL(soft || q_T)``, mean over valid positions, where ``q_T = softmax(student / T)``.
 
     ``student_logits`` [N, V]; ``soft_indices`` [N, k] (None: ``soft_probs`` covers the full vocabulary [N, V]);
     ``soft_probs`` [N, k]; ``mask`` [N] (False: the position has no soft label and adds nothing).
-    Per position: ``sum_j p_j * (log p_j - log q_T[idx_j])`` over the support (0 log 0 = 0).
+    With top-k soft labels the student is renormalised over the same k indices, like the soft labels themselves
+    (which are a softmax over k values): per position ``sum_j p_j * (log p_j - log softmax(student[idx] / T)_j)``
+    (0 log 0 = 0). Comparing against the full-vocabulary ``q_T`` instead would reward pushing all mass into the
+    k tokens, i.e. over-sharpening the student; a student whose logits equal the teacher's has zero loss here.
     """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    logits = student_logits.float() / temperature
     if soft_indices is not None:
-        log_q = log_q.gather(-1, soft_indices.long())
+        logits = logits.gather(-1, soft_indices.long())
+    log_q = F.log_softmax(logits, dim=-1)
     p = soft_probs.float()
     per_position = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)
     mask = mask.bool()

@@ -23,6 +23,7 @@ class ModelCost:
     block_trainable: list[int]  # per block: trainable matmul weights (LoRA A and B)
     final_norm: int  # params of the final norm (informational, no FLOPs counted)
     head_trainable: bool = False  # whether the LM head weight itself is trained
+    attn_dims: list[int] | None = None  # per block: width of attention scores/values (default d_model; less if heads are pruned)
 
 
 def _matmul_params(module: nn.Module) -> tuple[int, int]:
@@ -68,14 +69,19 @@ def _select(cost: ModelCost, blocks: range | None) -> range:
     return range(cost.n_layers) if blocks is None else blocks
 
 
+def _attn_width(cost: ModelCost, block: int) -> int:
+    return cost.d_model if cost.attn_dims is None else cost.attn_dims[block]
+
+
 def forward_flops(cost: ModelCost, tokens: int, seq_len: int, blocks: range | None = None, head: bool = True) -> int:
     """Forward FLOPs over ``blocks`` (default all) and the LM head.
 
     Per token: ``2 * W`` for every matmul weight W (frozen and LoRA) plus attention scores and weighted values,
-    ``2 * 2 * seq_len * d_model`` per block; the head adds ``2 * head_params``.
+    ``2 * 2 * seq_len * d_model`` per block (``d_model`` -> ``attn_dims[i]`` when heads are pruned); the head adds
+    ``2 * head_params``.
     """
-    attention = 4 * seq_len * cost.d_model
-    per_token = sum(2 * (cost.block_frozen[i] + cost.block_trainable[i]) + attention for i in _select(cost, blocks))
+    per_token = sum(2 * (cost.block_frozen[i] + cost.block_trainable[i]) + 4 * seq_len * _attn_width(cost, i)
+                    for i in _select(cost, blocks))
     if head:
         per_token += 2 * cost.head_params
     return per_token * tokens
@@ -91,7 +97,7 @@ def train_flops(cost: ModelCost, tokens: int, seq_len: int, blocks: range | None
     """
     selected = _select(cost, blocks)
     fwd = forward_flops(cost, tokens, seq_len, blocks, head)
-    attention = sum(4 * seq_len * cost.d_model for _ in selected) * tokens
+    attention = sum(4 * seq_len * _attn_width(cost, i) for i in selected) * tokens
     weights_grad = sum(2 * cost.block_trainable[i] for i in selected) * tokens
     if head and cost.head_trainable:
         weights_grad += 2 * cost.head_params * tokens

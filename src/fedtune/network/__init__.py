@@ -1,1 +1,1 @@
-"""Edge devices and (later) the wireless channel: what turns bytes and FLOPs into simulated seconds."""
+"""Edge devices, the wireless channel and the per-round planners: what turns bytes and FLOPs into simulated seconds."""

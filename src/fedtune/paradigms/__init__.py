@@ -3,6 +3,6 @@
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 
 # Importing the implementations registers them.
-from fedtune.paradigms import centralized, fedllm, kd, split  # noqa: E402,F401
+from fedtune.paradigms import centralized, fedllm, kd, local, split  # noqa: E402,F401
 
 __all__ = ["PARADIGMS", "Paradigm", "RoundResult"]

@@ -28,6 +28,8 @@ class Paradigm:
 
     #: Whether clients train (False for the centralized reference, where the server trains on pooled data).
     federated: bool = True
+    #: Whether clients can train a pruned model at a per-round rate (``ctx.pruning_rates``), e.g. from JCPBA.
+    prunes_clients: bool = False
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx

@@ -2,9 +2,17 @@
 
 Per round: sample clients; send each the global adapter (downlink); it trains for its local steps
 and returns its adapter (uplink); the strategy aggregates the updates that arrived finite.
+
+Client-specific pruning (``[pruning]``, or per round from ``ctx.pruning_rates``): a client with rate rho > 0
+receives the global adapter sliced to its pruned model, trains on that smaller copy of the base model and
+uploads its smaller adapter; the server maps it back to full size and averages every coordinate over the
+clients that kept it (:func:`fedtune.federated.masked.masked_fedavg`), then applies the strategy.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
@@ -12,66 +20,198 @@ from fedtune.comm.messages import Message
 from fedtune.engine.client_data import SampleStream
 from fedtune.engine.seeding import seed_torch
 from fedtune.engine.training import all_finite, make_optimizer, train_steps
+from fedtune.errors import FedtuneError
+from fedtune.federated.masked import masked_fedavg
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.federated.strategies import STRATEGIES, ClientUpdate
+from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
+from fedtune.models.pruning import MAX_RATE, PruneMask, Pruner, expand_adapter, slice_adapter, state_bytes
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
+from fedtune.runtime.base import ClientJob, ClientReply, backend_of
 
 
 
 @PARADIGMS.register("fedllm")
 class FedLLM(Paradigm):
+    prunes_clients = True
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.cfg
         self.strategy = STRATEGIES.get(cfg.federation.strategy)(cfg.federation)
         self.global_state = adapter_state(ctx.model)
         self.streams = [SampleStream(part, cfg.seed, cid) for cid, part in enumerate(ctx.partitions)]
+        self.pruner = Pruner(ctx.model, method=cfg.pruning.method, targets=cfg.pruning.targets, seed=cfg.seed)
+        self.pruning_history: dict[int, list[list[float]]] = {}  # client -> [[round, rate], ...] (rounds with pruning)
 
-    def train_client(self, round: int, cid: int) -> tuple[ClientUpdate | None, dict]:
-        """Download the global adapter, train locally, upload. Returns (update or None, stats)."""
-        ctx, cfg = self.ctx, self.ctx.cfg
-        down = ctx.transport.download(Message("global_adapter", self.global_state), round=round, client=cid)
-        load_adapter_state(ctx.model, down.tensors)
+    def pruning_rate(self, round: int, cid: int) -> float:
+        """rho of client ``cid`` in ``round``: from ``ctx.pruning_rates(round)`` (a planner) when it gives rates,
+        else ``[pruning] rates`` (one for all or one per client); 0 = no pruning."""
+        source = getattr(self.ctx, "pruning_rates", None)
+        rates = source(round) if source is not None else None
+        if rates is None:
+            rates = self.ctx.cfg.pruning.rates
+        if isinstance(rates, Mapping):
+            rate = rates.get(cid, 0.0)
+        else:
+            rate = 0.0 if len(rates) == 0 else rates[0] if len(rates) == 1 else rates[cid]
+        rate = float(rate)
+        if not 0.0 <= rate <= MAX_RATE:
+            raise FedtuneError(f"pruning rate of client {cid} in round {round} is {rate}; allowed: [0, {MAX_RATE}]")
+        return rate
+
+    def _client_mask(self, rate: float) -> PruneMask | None:
+        """The pruning mask of a client at ``rate``; None for the full model (rate 0, or too few units to drop)."""
+        mask = self.pruner.mask(rate) if rate > 0 else None
+        return None if mask is None or mask.is_full else mask
+
+    def client_job(self, round: int, cid: int) -> ClientJob:
+        """Server side of a client's turn: the global adapter it downloads (sliced to its pruned model if it has
+        one) and its private state (stream position, pruning rate)."""
+        rate = self.pruning_rate(round, cid)
+        mask = self._client_mask(rate)
+        if mask is None:
+            down = Message("global_adapter", self.global_state)
+        else:
+            down = Message("global_adapter", slice_adapter(self.global_state, mask), {"pruning_rate": rate})
+        return ClientJob(round, cid, down, {"stream": self.streams[cid].state_dict(), "rate": rate})
+
+    def run_client(self, job: ClientJob) -> ClientReply:
+        """Client side: train locally from the downloaded adapter and return the upload. Reads only the job, the
+        config and the model, so it runs in-process or on a Ray worker with the same result.
+
+        With a pruning rate > 0 the client trains its pruned copy of the base model: the adapter it downloads and
+        uploads is the pruned one, and FLOPs and memory are those of the pruned model."""
+        ctx, cfg, round, cid = self.ctx, self.ctx.cfg, job.round, job.client
+        rate = job.state["rate"]
+        mask = self._client_mask(rate)
+        stream = SampleStream(self.streams[cid].indices, cfg.seed, cid)
+        stream.load_state_dict(job.state["stream"])
+        if mask is None:
+            model, cost = ctx.model, ctx.cost
+        else:
+            model, cost = self.pruner.build(rate), self.pruner.cost(rate)
+        load_adapter_state(model, job.download.tensors)
         seed_torch(cfg.seed, "client-train", round, cid)
-        params = trainable_parameters(ctx.model)
+        params = trainable_parameters(model)
         anchors = [p.detach().clone() for p in params]
         optimizer = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
-        steps = local_steps(cfg, len(self.streams[cid].indices))
+        steps = local_steps(cfg, len(stream.indices))
         ctx.progress.start_steps(f"round {round} client {cid}", steps)
         result = train_steps(
-            ctx.model, optimizer, ctx.batches(self.streams[cid], steps),
-            cost=ctx.cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
+            model, optimizer, ctx.batches(stream, steps),
+            cost=cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
             regularizer=lambda: self.strategy.regularizer(params, anchors), on_step=ctx.progress.step,
         )
-        stats = {"flops": result.flops, "peak_memory": result.peak_memory_bytes}
-        update = adapter_state(ctx.model)
+        stats = {"flops": result.flops, "peak_memory": result.peak_memory_bytes, "rate": rate}
+        update = adapter_state(model)
+        del model, params, anchors, optimizer  # a pruned copy is not kept
+        state = {"stream": stream.state_dict()}
         failure = result.failure or (None if all_finite(update) else "non-finite adapter weights")
         if failure:
-            ctx.transport.upload(Message("client_failure", meta={"reason": failure}), round=round, client=cid)
-            return None, {**stats, "failure": failure}
-        meta = {"num_samples": len(self.streams[cid].indices), "train_loss": result.mean_loss}
-        up = ctx.transport.upload(Message("client_update", update, meta), round=round, client=cid)
+            return ClientReply(cid, Message("client_failure", meta={"reason": failure}), state,
+                               {**stats, "failure": failure})
+        meta = {"num_samples": len(stream.indices), "train_loss": result.mean_loss}
+        if mask is not None:
+            meta["pruning_rate"] = rate
+        return ClientReply(cid, Message("client_update", update, meta), state, stats)
+
+    def _accept(self, reply: ClientReply) -> tuple[ClientUpdate | None, dict]:
+        """Driver side of a reply: the client's new state, and its update (None with stats["failure"] if rejected)."""
+        cid, up = reply.client, reply.upload
+        self.streams[cid].load_state_dict(reply.state["stream"])
+        stats = {**reply.stats, "mask": self._client_mask(reply.stats["rate"])}
+        if up.kind == "client_failure":
+            return None, {**stats, "failure": up.meta["reason"]}
         return ClientUpdate(cid, up.meta["num_samples"], up.tensors, up.meta["train_loss"]), stats
+
+    def train_client(self, round: int, cid: int) -> tuple[ClientUpdate | None, dict]:
+        """One client's whole turn (download, local training, upload) through the run's backend.
+        Returns (update or None, stats); ``stats["mask"]`` is its pruning mask (None: full model)."""
+        replies = backend_of(self.ctx).run_clients(self, [self.client_job(round, cid)])
+        if cid not in replies.replies:
+            return None, {"flops": 0, "peak_memory": 0, "rate": 0.0, "mask": None, "failure": replies.lost[cid]}
+        return self._accept(replies.replies[cid])
 
     def run_round(self, round: int) -> RoundResult:
         clients = sample_clients(self.ctx.cfg, round)
         out = RoundResult(train_loss=None, clients=clients)
         updates: list[ClientUpdate] = []
+        masks: dict[int, PruneMask] = {}
+        jobs = [self.client_job(round, cid) for cid in clients]
+        rates: list[float] = [job.state["rate"] for job in jobs]
+        replies = backend_of(self.ctx).run_clients(self, jobs)
+        out.rejected.extend(replies.lost_records())  # turns lost to a dead or late worker (Ray backend)
         for cid in clients:
-            update, stats = self.train_client(round, cid)
+            if cid not in replies.replies:
+                continue
+            update, stats = self._accept(replies.replies[cid])
+            if stats["mask"] is not None:
+                masks[cid] = stats["mask"]
             out.client_flops[cid] = stats["flops"]
             out.client_peak_memory[cid] = stats["peak_memory"]
             if update is None:
                 out.rejected.append({"client": cid, "reason": stats["failure"]})
                 self.ctx.progress.log(f"[yellow]round {round}: client {cid} update rejected: {stats['failure']}")
+            elif self._straggler(round, cid, stats):
+                out.rejected.append({"client": cid, "reason": "straggler"})
+                self.ctx.progress.log(f"[yellow]round {round}: client {cid} missed network.deadline_s (straggler)")
             else:
                 updates.append(update)
         if updates:
-            self.global_state = self.strategy.aggregate(self.global_state, updates)
+            if masks:
+                self.global_state = self._aggregate_pruned(updates, masks)
+            else:
+                self.global_state = self.strategy.aggregate(self.global_state, updates)
             total = sum(u.num_samples for u in updates)
             out.train_loss = sum(u.train_loss * u.num_samples for u in updates) / total
+        if any(rates):
+            out.extra["pruning_rates"] = rates
+            for cid, rate in zip(clients, rates):
+                self.pruning_history.setdefault(cid, []).append([round, rate])
         return out
+
+    def _straggler(self, round: int, cid: int, stats: dict) -> bool:
+        """Whether the simulated network (if any) says this client's finished turn missed the round deadline."""
+        network = getattr(self.ctx, "network", None)
+        return network is not None and network.straggler(round, cid, stats["flops"], stats.get("rate", 0.0))
+
+    def _aggregate_pruned(self, updates: list[ClientUpdate], masks: dict[int, PruneMask]) -> dict[str, torch.Tensor]:
+        """Expand pruned adapters to full size, average each coordinate over the clients that kept it, then let the
+        strategy step from the global state to that mean (FedAvg: the mean itself; FedAdam: its server step)."""
+        shapes = {key: tuple(t.shape) for key, t in self.global_state.items()}
+        pairs = []
+        for u in updates:
+            mask = masks.get(u.client)
+            if mask is None:
+                pairs.append((u, None))
+            else:
+                full, coverage = expand_adapter(u.tensors, mask, shapes)
+                pairs.append((replace(u, tensors=full), coverage))
+        mean = masked_fedavg(self.global_state, pairs)
+        total = sum(u.num_samples for u in updates)
+        return self.strategy.aggregate(self.global_state, [ClientUpdate(-1, total, mean, float("nan"))])
+
+    def summary_extra(self) -> dict:
+        """With pruning: each client's rates per round, and per rate the measured adapter bytes, block weights,
+        LoRA weights and training FLOPs per token (at ``data.max_length``) of the model a client trains."""
+        if not self.pruning_history:
+            return {}
+        seq = self.ctx.cfg.data.max_length
+        by_rate = {}
+        for rate in sorted({0.0} | {r for h in self.pruning_history.values() for _, r in h}):
+            if rate == 0:
+                state, cost = self.global_state, self.ctx.cost
+            else:
+                state, cost = slice_adapter(self.global_state, self.pruner.mask(rate)), self.pruner.cost(rate)
+            by_rate[f"{rate:g}"] = {
+                "adapter_bytes": state_bytes(state), "block_params": sum(cost.block_frozen),
+                "lora_params": sum(cost.block_trainable), "train_flops_per_token": train_flops(cost, 1, seq),
+            }
+        cfg = self.ctx.cfg.pruning
+        return {"pruning": {"method": cfg.method, "targets": cfg.targets, "by_rate": by_rate},
+                "clients": {cid: {"pruning_rates": h} for cid, h in self.pruning_history.items()}}
 
     def load_global(self) -> None:
         load_adapter_state(self.ctx.model, self.global_state)
@@ -81,6 +221,7 @@ class FedLLM(Paradigm):
             "global_state": self.global_state,
             "strategy": self.strategy.state_dict(),
             "streams": [s.state_dict() for s in self.streams],
+            **({"pruning_history": self.pruning_history} if self.pruning_history else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -89,3 +230,4 @@ class FedLLM(Paradigm):
         self.strategy.load_state_dict(state["strategy"])
         for stream, s in zip(self.streams, state["streams"], strict=True):
             stream.load_state_dict(s)
+        self.pruning_history = {int(c): [list(x) for x in h] for c, h in state.get("pruning_history", {}).items()}

@@ -16,6 +16,10 @@ Per round, for each sampled client (its own adapter loaded into the shared model
 The server turns the uploads into soft labels (:func:`fedtune.kd.aggregation.aggregate_logits`) for the next round;
 with ``kd.server_model`` it also distils its own adapter from them (``kd.distill_steps`` steps).
 
+Clients may run different models (``kd.client_models`` naming ``[kd.models.NAME]`` sections, e.g. a smaller model
+for weak devices): logits align because every model must share the main model's tokenizer and output vocabulary
+(:mod:`fedtune.kd.client_models` refuses others); each model is in memory once and its FLOPs are its own.
+
 There is no parameter averaging, so there is no single global model. The evaluated (and saved) model is the
 server's adapter with ``kd.server_model``, else the adapter of the client with the most training samples (lowest
 id on ties). Every round each client's own eval loss goes to the round record (``client_eval_loss``), and their
@@ -24,21 +28,25 @@ mean to the summary (``kd.mean_client_eval_loss``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from fedtune.comm.messages import Message
 from fedtune.data.formatting import collate
 from fedtune.engine.client_data import SampleStream
-from fedtune.engine.evaluation import evaluate
 from fedtune.engine.seeding import numpy_rng, seed_torch
 from fedtune.engine.training import all_finite, make_optimizer, train_steps
 from fedtune.errors import ConfigError
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.kd.aggregation import SoftLabels, aggregate_logits
+from fedtune.kd.client_models import ClientModel, build_client_models
 from fedtune.kd.distill import distill_loss
 from fedtune.models.flops import forward_flops, train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
+from fedtune.runtime.base import ClientJob, ClientReply, backend_of
+from fedtune.paradigms.client_eval import ClientEvaluations, largest_client
 
 
 
@@ -72,17 +80,25 @@ class KDFed(Paradigm):
         if self.num_positions == 0:
             raise ConfigError("the KD public set has no response tokens")
         self.vocab_size = int(ctx.model.get_output_embeddings().weight.shape[0])
-        initial = adapter_state(ctx.model)
-        self.client_states = [dict(initial) for _ in ctx.partitions]
-        self.server_state = dict(initial) if kd.server_model else None
+        self.models, self.model_names = build_client_models(ctx)
+        self.client_states = [adapter_state(self.models[name].model) for name in self.model_names]
+        self.server_state = adapter_state(ctx.model) if kd.server_model else None
         self.soft: SoftLabels | None = None
         self.streams = [SampleStream(part, cfg.seed, cid) for cid, part in enumerate(ctx.partitions)]
         public_range = list(range(len(self.public)))
         self.public_streams = [SampleStream(public_range, cfg.seed, f"kd-public-{cid}") for cid in range(len(parts))]
         self.server_stream = SampleStream(public_range, cfg.seed, "kd-public-server")
-        self.client_eval: dict[int, float] = {}
+        self.client_eval = ClientEvaluations()
         sizes = self.client_sizes()
-        self.largest = max(sizes, key=lambda c: (sizes[c], -c))
+        main_clients = {c: n for c, n in sizes.items() if self.model_names[c] == "main"}
+        if not main_clients and not kd.server_model:
+            raise ConfigError("no client runs the main model, so none can be the evaluated model; set "
+                              "kd.server_model = true (the server's adapter on [model] is then evaluated)")
+        self.largest = largest_client(main_clients) if main_clients else None
+
+    def client_model(self, cid: int) -> ClientModel:
+        """The model client ``cid`` runs (the main one unless ``kd.client_models`` says otherwise)."""
+        return self.models[self.model_names[cid]]
 
     # -- public set ----------------------------------------------------------------------------
     def _public_batch(self, stream: SampleStream) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -92,32 +108,33 @@ class KDFed(Paradigm):
         positions = torch.cat([torch.arange(self.offsets[j], self.offsets[j] + self.counts[j]) for j in rows])
         return batch, positions
 
-    def _distill_term(self, stream: SampleStream, soft: SoftLabels, record: dict) -> torch.Tensor:
+    def _distill_term(self, cm: ClientModel, stream: SampleStream, soft: SoftLabels, record: dict) -> torch.Tensor:
         """Forward a public batch through the (training) model and return ``T^2 * KL(soft || own)`` on it."""
         ctx, kd = self.ctx, self.ctx.cfg.kd
         batch, positions = self._public_batch(stream)
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = cm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = batch["labels"][:, 1:] != -100
         student = logits[:, :-1][mask]
         idx = None if soft.indices is None else soft.indices[positions].to(ctx.device)
         loss = distill_loss(student, idx, soft.probs[positions].to(ctx.device), soft.mask[positions].to(ctx.device),
                             kd.temperature)
         bsz, seq = batch["input_ids"].shape
-        record["flops"] += train_flops(ctx.cost, tokens=bsz * seq, seq_len=seq)
+        record["flops"] += train_flops(cm.cost, tokens=bsz * seq, seq_len=seq)
         record["losses"].append(float(loss.detach()))
         return loss
 
-    def _distill_only(self, params, stream: SampleStream, soft: SoftLabels, steps: int, weight: float) -> dict:
+    def _distill_only(self, cm: ClientModel, params, stream: SampleStream, soft: SoftLabels, steps: int,
+                      weight: float) -> dict:
         """``steps`` optimizer steps of ``weight * distill`` on public batches (no private data)."""
         record = {"flops": 0, "losses": [], "failure": None}
         if steps == 0 or weight == 0:
             return record
         cfg = self.ctx.cfg
         optimizer = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
-        self.ctx.model.train()
+        cm.model.train()
         for step in range(steps):
-            loss = weight * self._distill_term(stream, soft, record)
+            loss = weight * self._distill_term(cm, stream, soft, record)
             if not torch.isfinite(loss):
                 record["failure"] = f"non-finite distillation loss at step {step + 1}"
                 break
@@ -129,16 +146,16 @@ class KDFed(Paradigm):
         return record
 
     @torch.no_grad()
-    def public_logits(self) -> tuple[Message, int]:
-        """The current model's top-k logits on every public position, and the forward FLOPs it took."""
+    def public_logits(self, cm: ClientModel) -> tuple[Message, int]:
+        """``cm``'s top-k logits on every public position, and the forward FLOPs it took."""
         ctx, kd = self.ctx, self.ctx.cfg.kd
-        ctx.model.eval()
+        cm.model.eval()
         values, indices, flops = [], [], 0
         size = ctx.cfg.eval.batch_size
         for start in range(0, len(self.public), size):
             batch = collate(self.public[start : start + size], ctx.pad_token_id)
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = cm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             flat = logits[:, :-1][batch["labels"][:, 1:] != -100].float()
             if kd.topk:
                 top = flat.topk(min(kd.topk, flat.shape[-1]), dim=-1)
@@ -147,37 +164,49 @@ class KDFed(Paradigm):
             else:
                 values.append(flat.half().cpu())
             bsz, seq = batch["input_ids"].shape
-            flops += forward_flops(ctx.cost, tokens=bsz * seq, seq_len=seq)
+            flops += forward_flops(cm.cost, tokens=bsz * seq, seq_len=seq)
         tensors = {"values": torch.cat(values)}
         if indices:
             tensors["indices"] = torch.cat(indices)
         return Message("public_logits", tensors, {"topk": kd.topk, "num_positions": self.num_positions}), flops
 
     # -- a client's turn -----------------------------------------------------------------------
-    def train_client(self, round: int, cid: int) -> tuple[Message | None, dict]:
-        ctx, cfg, kd = self.ctx, self.ctx.cfg, self.ctx.cfg.kd
-        load_adapter_state(ctx.model, self.client_states[cid])
-        soft = None
+    def client_job(self, round: int, cid: int) -> ClientJob:
+        """Server side of a client's turn: the soft labels it downloads (from round 2 on) and its private state
+        (its own adapter and its private and public stream positions)."""
+        down = None
         if self.soft is not None:
-            down = ctx.transport.download(Message("soft_labels", self.soft.tensors(), {"round": round - 1}),
-                                          round=round, client=cid)
-            soft = SoftLabels.from_tensors(down.tensors)
+            down = Message("soft_labels", self.soft.tensors(), {"round": round - 1})
+        state = {"adapter": self.client_states[cid], "stream": self.streams[cid].state_dict(),
+                 "public_stream": self.public_streams[cid].state_dict()}
+        return ClientJob(round, cid, down, state)
+
+    def run_client(self, job: ClientJob) -> ClientReply:
+        """Client side: distil and train from the job, then upload top-k logits on the public set. Reads only the
+        job, the config, the model and the public set, so it runs in-process or on a Ray worker alike."""
+        ctx, cfg, kd = self.ctx, self.ctx.cfg, self.ctx.cfg.kd
+        round, cid = job.round, job.client
+        stream = replace(self.streams[cid], **job.state["stream"])
+        public = replace(self.public_streams[cid], **job.state["public_stream"])
+        cm = self.client_model(cid)
+        load_adapter_state(cm.model, job.state["adapter"])
+        soft = SoftLabels.from_tensors(job.download.tensors) if job.download is not None else None
         seed_torch(cfg.seed, "kd-client-train", round, cid)
-        params = trainable_parameters(ctx.model)
-        steps = local_steps(cfg, len(self.streams[cid].indices))
+        params = trainable_parameters(cm.model)
+        steps = local_steps(cfg, len(stream.indices))
         record = {"flops": 0, "losses": [], "failure": None}
         if soft is not None:
-            record = self._distill_only(params, self.public_streams[cid], soft, kd.distill_steps, kd.beta)
+            record = self._distill_only(cm, params, public, soft, kd.distill_steps, kd.beta)
         regularizer = None
         if soft is not None and kd.beta > 0 and record["failure"] is None:
-            regularizer = lambda: kd.beta * self._distill_term(self.public_streams[cid], soft, record)  # noqa: E731
+            regularizer = lambda: kd.beta * self._distill_term(cm, public, soft, record)  # noqa: E731
         ctx.progress.start_steps(f"round {round} client {cid}", steps)
         result = None
         if record["failure"] is None:
             optimizer = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
             result = train_steps(
-                ctx.model, optimizer, ctx.batches(self.streams[cid], steps),
-                cost=ctx.cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
+                cm.model, optimizer, ctx.batches(stream, steps),
+                cost=cm.cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
                 regularizer=regularizer, on_step=ctx.progress.step,
             )
         stats = {
@@ -186,24 +215,45 @@ class KDFed(Paradigm):
             "train_loss": result.mean_loss if result else float("nan"),
             "distill_loss": sum(record["losses"]) / len(record["losses"]) if record["losses"] else None,
         }
-        state = adapter_state(ctx.model)
+        positions = {"stream": stream.state_dict(), "public_stream": public.state_dict()}
+        state = adapter_state(cm.model)
         failure = record["failure"] or (result.failure if result else None)
         failure = failure or (None if all_finite(state) else "non-finite adapter weights")
         if failure:  # keep the adapter it had before this round; it shares no logits
-            load_adapter_state(ctx.model, self.client_states[cid])
-            ctx.transport.upload(Message("client_failure", meta={"reason": failure}), round=round, client=cid)
-            return None, {**stats, "failure": failure}
-        self.client_states[cid] = state
-        message, fwd = self.public_logits()
+            load_adapter_state(cm.model, job.state["adapter"])
+            return ClientReply(cid, Message("client_failure", meta={"reason": failure}), positions,
+                               {**stats, "failure": failure})
+        message, fwd = self.public_logits(cm)
         stats["flops"] += fwd
-        return ctx.transport.upload(message, round=round, client=cid), stats
+        return ClientReply(cid, message, {**positions, "adapter": state}, stats)
+
+    def _accept(self, reply: ClientReply) -> tuple[Message | None, dict]:
+        """Driver side of a reply: the client's new state; its logits (None with stats["failure"] if rejected)."""
+        cid = reply.client
+        self.streams[cid].load_state_dict(reply.state["stream"])
+        self.public_streams[cid].load_state_dict(reply.state["public_stream"])
+        if "adapter" in reply.state:
+            self.client_states[cid] = reply.state["adapter"]
+        if reply.upload.kind == "client_failure":
+            return None, {**reply.stats, "failure": reply.upload.meta["reason"]}
+        return reply.upload, reply.stats
+
+    def train_client(self, round: int, cid: int) -> tuple[Message | None, dict]:
+        """One client's whole turn through the run's backend: (uploaded logits or None, stats)."""
+        replies = backend_of(self.ctx).run_clients(self, [self.client_job(round, cid)])
+        if cid not in replies.replies:
+            return None, {"flops": 0, "peak_memory": 0, "train_loss": float("nan"), "distill_loss": None,
+                          "failure": replies.lost[cid]}
+        return self._accept(replies.replies[cid])
 
     def _server_distill(self, round: int) -> int:
         """Distil the server's adapter from the current soft labels; returns its FLOPs."""
         ctx, kd = self.ctx, self.ctx.cfg.kd
         load_adapter_state(ctx.model, self.server_state)
         seed_torch(ctx.cfg.seed, "kd-server-distill", round)
-        record = self._distill_only(trainable_parameters(ctx.model), self.server_stream, self.soft, kd.distill_steps, 1.0)
+        main = self.models["main"]
+        record = self._distill_only(main, trainable_parameters(ctx.model), self.server_stream, self.soft,
+                                    kd.distill_steps, 1.0)
         state = adapter_state(ctx.model)
         if record["failure"] is None and all_finite(state):
             self.server_state = state
@@ -211,21 +261,17 @@ class KDFed(Paradigm):
             ctx.progress.log(f"[yellow]round {round}: server distillation dropped: {record['failure'] or 'non-finite'}")
         return record["flops"]
 
-    def _evaluate_clients(self, clients: list[int]) -> None:
-        ctx = self.ctx
-        for cid in range(len(self.client_states)):
-            if cid in clients or cid not in self.client_eval:
-                load_adapter_state(ctx.model, self.client_states[cid])
-                self.client_eval[cid] = evaluate(ctx.model, ctx.eval_samples, batch_size=ctx.cfg.eval.batch_size,
-                                                 pad_token_id=ctx.pad_token_id, device=ctx.device).loss
-
     def run_round(self, round: int) -> RoundResult:
         ctx, kd = self.ctx, self.ctx.cfg.kd
         clients = sample_clients(ctx.cfg, round)
         out = RoundResult(train_loss=None, clients=clients)
         uploads, losses, distill = [], [], []
+        replies = backend_of(ctx).run_clients(self, [self.client_job(round, cid) for cid in clients])
+        out.rejected.extend(replies.lost_records())  # turns lost to a dead or late worker (Ray backend)
         for cid in clients:
-            message, stats = self.train_client(round, cid)
+            if cid not in replies.replies:
+                continue
+            message, stats = self._accept(replies.replies[cid])
             out.client_flops[cid] = stats["flops"]
             out.client_peak_memory[cid] = stats["peak_memory"]
             if stats["distill_loss"] is not None:
@@ -243,15 +289,12 @@ class KDFed(Paradigm):
                 out.server_flops += self._server_distill(round)
             total = sum(n for _, n in losses)
             out.train_loss = sum(l * n for l, n in losses) / total
-        self._evaluate_clients(clients)
-        out.extra["client_eval_loss"] = {str(c): self.client_eval[c] for c in sorted(self.client_eval)}
-        out.extra["mean_client_eval_loss"] = self._mean_client_eval()
+        self.client_eval.refresh(ctx, self.client_states, clients, model_of=lambda c: self.client_model(c).model)
+        out.extra["client_eval_loss"] = self.client_eval.by_client()
+        out.extra["mean_client_eval_loss"] = self.client_eval.mean()
         out.extra["distill_loss"] = sum(distill) / len(distill) if distill else None
         out.extra["soft_label_positions"] = int(self.soft.mask.sum()) if self.soft is not None else 0
         return out
-
-    def _mean_client_eval(self) -> float | None:
-        return sum(self.client_eval.values()) / len(self.client_eval) if self.client_eval else None
 
     # -- the runner's interface ----------------------------------------------------------------
     def load_global(self) -> None:
@@ -262,14 +305,15 @@ class KDFed(Paradigm):
         kd = self.ctx.cfg.kd
         return {
             "kd": {
-                "mean_client_eval_loss": self._mean_client_eval(),
-                "client_eval_loss": {str(c): v for c, v in sorted(self.client_eval.items())},
+                "mean_client_eval_loss": self.client_eval.mean(),
+                "client_eval_loss": self.client_eval.by_client(),
                 "evaluated_model": "server" if self.server_state is not None else f"client {self.largest}",
+                "client_models": list(self.model_names),
                 "topk": kd.topk, "temperature": kd.temperature, "beta": kd.beta, "aggregation": kd.aggregation,
                 "distill_steps": kd.distill_steps, "public_samples": len(self.public),
                 "public_positions": self.num_positions,
             },
-            "clients": {c: {"eval_loss": v} for c, v in self.client_eval.items()},
+            "clients": {c: {"eval_loss": v} for c, v in self.client_eval.loss.items()},
         }
 
     def state_dict(self) -> dict:
@@ -280,7 +324,7 @@ class KDFed(Paradigm):
             "streams": [s.state_dict() for s in self.streams],
             "public_streams": [s.state_dict() for s in self.public_streams],
             "server_stream": self.server_stream.state_dict(),
-            "client_eval": [[c, v] for c, v in sorted(self.client_eval.items())],
+            "client_eval": self.client_eval.state_dict(),
             "public_ids": list(self.public_ids),
         }
 
@@ -289,8 +333,8 @@ class KDFed(Paradigm):
             raise ValueError("the checkpoint's KD public set differs from this run's")
         if len(state["client_states"]) != len(self.client_states):
             raise ValueError(f"checkpoint has {len(state['client_states'])} KD clients, this run {len(self.client_states)}")
-        for s in state["client_states"]:
-            load_adapter_state(self.ctx.model, s)  # checks keys and shapes
+        for cid, s in enumerate(state["client_states"]):
+            load_adapter_state(self.client_model(cid).model, s)  # checks keys and shapes
         self.client_states = [dict(s) for s in state["client_states"]]
         if (state["server_state"] is None) != (self.server_state is None):
             raise ValueError("kd.server_model differs from the checkpoint's")
@@ -303,5 +347,5 @@ class KDFed(Paradigm):
         for stream, s in zip(self.public_streams, state["public_streams"], strict=True):
             stream.load_state_dict(s)
         self.server_stream.load_state_dict(state["server_stream"])
-        self.client_eval = {int(c): float(v) for c, v in state["client_eval"]}
+        self.client_eval.load_state_dict(state["client_eval"])
         self.load_global()

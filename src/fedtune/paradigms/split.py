@@ -20,7 +20,7 @@ cuts) takes its weights with it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,18 +29,18 @@ from fedtune.comm.messages import Message
 from fedtune.compression.channels import SplitChannels
 from fedtune.engine.client_data import SampleStream
 from fedtune.engine.evaluation import evaluate
-from fedtune.engine.seeding import numpy_rng, seed_torch
-from fedtune.engine.training import all_finite, make_optimizer
-from fedtune.errors import ConfigError
+from fedtune.engine.seeding import numpy_rng
+from fedtune.errors import ClientQuorumError, ConfigError
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state
-from fedtune.models.memory import MemoryMeter
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.network.devices import client_profiles
 from fedtune.split.adaptive import adapt_cuts
 from fedtune.split.placement import cuts_from_profiles, measure_client_memory, round_flops
 from fedtune.split.cut import Cut, CutError, SplitModel, find_blocks
+from fedtune.split.session import ClientSide, ServerSide
+from fedtune.runtime.base import ClientJob, ClientLost, backend_of
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -64,6 +64,8 @@ class Session:
     client_memory: int
     server_memory: int
     failure: str | None = None
+    stream: dict | None = None  # the client's stream position after the session
+    lost: str | None = None  # why the session was lost (a Ray worker died or was late)
 
 
 @PARADIGMS.register("split")
@@ -166,58 +168,6 @@ class SplitFed(Paradigm):
             modules += [*(self.split.blocks[b] for b in range(L - cut.tail, L)), model.get_output_embeddings()]
         return torch.nn.ModuleList(modules)
 
-    # -- one step ---------------------------------------------------------------------------
-    def _step(self, round: int, cid: int, cut: Cut, rows: list[int], epoch: int, batch: TensorDict, opts,
-              meters) -> float | None:
-        """One split step (see module docstring); returns the loss, or None if it was not finite."""
-        ctx, split, L, ch = self.ctx, self.split, self.split.num_layers, self.channels
-        transport, device = ctx.transport, ctx.device
-        client_opt, server_opt = opts
-        client_meter, server_meter = meters
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        cpu_mask = mask.cpu()
-
-        def send(name: str, x: torch.Tensor, extra: dict | None = None, upload: bool = True):
-            message, baseline = ch[name].send(cid, rows, x, cpu_mask, extra or {}, ch.theta(name), epoch)
-            carry = transport.upload if upload else transport.download
-            return carry(message, round=round, client=cid, baseline=baseline)
-
-        with client_meter.step():
-            act = split.run(0, cut.head, input_ids=ids, attention_mask=mask)
-            extra = {"attention_mask": cpu_mask.bool()}
-            if not cut.tail:
-                extra["labels"] = labels.cpu().to(torch.int32)
-            up = send("activations", act, extra)
-            # ---- server ----
-            server_mask = up.tensors["attention_mask"].long()
-            with server_meter.step():
-                h = ch["activations"].receive(cid, up, server_mask).to(device).requires_grad_()
-                if not cut.tail:
-                    out = split.run(cut.head, L, hidden=h, attention_mask=server_mask.to(device),
-                                    labels=up.tensors["labels"].to(device).long())
-                    body = None
-                else:
-                    body = split.run(cut.head, L - cut.tail, hidden=h, attention_mask=server_mask.to(device))
-            if cut.tail:
-                down = send("body_output", body, upload=False)
-                # ---- client tail ----
-                t = ch["body_output"].receive(cid, down, cpu_mask).to(device).requires_grad_()
-                out = split.run(L - cut.tail, L, hidden=t, attention_mask=mask, labels=labels)
-            loss = out.loss
-            if not torch.isfinite(loss):
-                return None
-            loss.backward()
-            if cut.tail:
-                up_grad = send("tail_gradients", t.grad)
-                body.backward(ch["tail_gradients"].receive(cid, up_grad, server_mask).to(device))  # ---- server ----
-        self._clip_and_step(server_opt)
-        down = send("gradients", h.grad, upload=False)
-        act.backward(ch["gradients"].receive(cid, down, cpu_mask).to(device))  # ---- client ----
-        self._clip_and_step(client_opt)
-        server_meter.observe(torch.nn.ModuleList([split.blocks[b] for b in cut.body(L)]), server_opt)
-        client_meter.observe(self._client_modules(cut), client_opt)
-        return float(loss.item())
-
     def _clip_and_step(self, optimizer: torch.optim.Optimizer) -> None:
         max_norm = self.ctx.cfg.train.max_grad_norm
         if max_norm is not None:
@@ -225,56 +175,72 @@ class SplitFed(Paradigm):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # -- the two sides of a session (run in process, or on Ray workers) ------------------------
+    def client_side(self, job: ClientJob) -> ClientSide:
+        """The client's half of a session from its job (downloaded blocks, stream position, cut, steps)."""
+        stream = replace(self.streams[job.client], **job.state["stream"])
+        return ClientSide(self, job.round, job.client, Cut(job.state["cut"], self.tail), job.download.tensors,
+                          stream, job.state["steps"])
+
+    def server_side(self, round: int, cid: int, cut: int, body: TensorDict) -> ServerSide:
+        """The server's half of a session: ``body`` holds the weights its blocks start from."""
+        return ServerSide(self, round, cid, Cut(cut, self.tail), body)
+
     # -- one client's round -------------------------------------------------------------------
     def _session(self, round: int, cid: int, server_body: TensorDict) -> Session:
         ctx, cfg, L = self.ctx, self.ctx.cfg, self.split.num_layers
         cut = Cut(self.cuts[cid], self.tail)
-        client_blocks, body_blocks = set(cut.client_blocks(L)), set(cut.body(L))
-        client_keys, body_keys = self._keys(client_blocks), self._keys(body_blocks)
-        down = ctx.transport.download(Message("client_adapter", {k: self.global_state[k] for k in client_keys}),
-                                      round=round, client=cid)
-        load_adapter_state(ctx.model, {**self.global_state, **server_body, **down.tensors})
-        seed_torch(cfg.seed, "split-train", round, cid)
-        opts = (make_optimizer(self._params(client_blocks), cfg.train.lr, cfg.train.weight_decay),
-                make_optimizer(self._params(body_blocks), cfg.train.lr, cfg.train.weight_decay))
-        meters = (MemoryMeter(ctx.device, by_tensors=True), MemoryMeter(ctx.device, by_tensors=True))
+        client_keys, body_keys = self._keys(set(cut.client_blocks(L))), self._keys(set(cut.body(L)))
         steps = local_steps(cfg, len(self.streams[cid].indices))
-        ctx.progress.start_steps(f"round {round} client {cid} (cut {cut.head})", steps)
-        ctx.model.train()
+        job = ClientJob(round, cid, Message("client_adapter", {k: self.global_state[k] for k in client_keys}),
+                        {"stream": self.streams[cid].state_dict(), "cut": cut.head, "steps": steps})
+        body = {k: server_body.get(k, self.global_state[k]) for k in body_keys}
         losses, client_flops, server_flops, failure = [], 0, 0, None
-        self.channels.start_session()
-        stream = self.streams[cid]
-        for rows, batch in ctx.indexed_batches(stream, steps):
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            loss = self._step(round, cid, cut, rows, stream.epoch, batch, opts, meters)
-            if loss is None:
-                failure = f"non-finite loss at step {len(losses) + 1}"
-                break
-            losses.append(loss)
-            ctx.progress.step(loss)
-            tokens, seq = batch["input_ids"].numel(), batch["input_ids"].shape[1]
-            client_flops += train_flops(ctx.cost, tokens, seq, blocks=range(cut.head), head=False)
-            if cut.tail:
-                client_flops += train_flops(ctx.cost, tokens, seq, blocks=range(L - cut.tail, L), head=True)
-            server_flops += train_flops(ctx.cost, tokens, seq, blocks=cut.body(L), head=not cut.tail)
-        progress = (round - 1 + (self._sessions_done + 1) / cfg.federation.sampled) / cfg.federation.rounds
-        self._sessions_done += 1
-        self.channels.end_session(round, cid, sum(losses) / len(losses) if losses else float("inf"), progress,
-                                  ctx.ledger)
-        state = adapter_state(ctx.model)
-        client_state = {k: state[k] for k in client_keys}
-        if failure is None and not all_finite(client_state):
-            failure = "non-finite client adapter weights"
-        mean_loss = sum(losses) / len(losses) if losses else float("nan")
-        stats = dict(client_flops=client_flops, server_flops=server_flops,
-                     client_memory=meters[0].peak_bytes, server_memory=meters[1].peak_bytes)
-        if failure:
-            ctx.transport.upload(Message("client_failure", meta={"reason": failure}), round=round, client=cid)
-            return Session(None, None, mean_loss, failure=failure, **stats)
-        up = ctx.transport.upload(Message("client_adapter", client_state,
-                                          {"num_samples": len(self.streams[cid].indices), "train_loss": mean_loss}),
-                                  round=round, client=cid)
-        return Session(up.tensors, {k: state[k] for k in body_keys}, mean_loss, **stats)
+        client = server = None
+        try:
+            client, server = backend_of(ctx).split_session(self, job, body)
+            ctx.progress.start_steps(f"round {round} client {cid} (cut {cut.head})", steps)
+            self.channels.start_session()
+            for _ in range(steps):
+                up, info = client.forward()
+                if not cut.tail:
+                    down, loss = server.step(up, info)
+                else:
+                    down, body_out = None, server.forward(up, info)
+                    up_grad, loss = client.tail(body_out)
+                    if up_grad is not None:
+                        down = server.backward(up_grad)
+                if down is None:
+                    failure = f"non-finite loss at step {len(losses) + 1}"
+                    client.abort()
+                    server.abort()
+                    break
+                client.backward(down)
+                losses.append(loss)
+                ctx.progress.step(loss)
+                tokens, seq = info["tokens"], info["seq"]
+                client_flops += train_flops(ctx.cost, tokens, seq, blocks=range(cut.head), head=False)
+                if cut.tail:
+                    client_flops += train_flops(ctx.cost, tokens, seq, blocks=range(L - cut.tail, L), head=True)
+                server_flops += train_flops(ctx.cost, tokens, seq, blocks=cut.body(L), head=not cut.tail)
+            progress = (round - 1 + (self._sessions_done + 1) / cfg.federation.sampled) / cfg.federation.rounds
+            self._sessions_done += 1
+            self.channels.end_session(round, cid, sum(losses) / len(losses) if losses else float("inf"), progress,
+                                      ctx.ledger)
+            mean_loss = sum(losses) / len(losses) if losses else float("nan")
+            up, client_memory, stream, client_sends = client.finish(failure, mean_loss)
+            body_state, server_memory, server_sends = server.finish()
+        except ClientLost as exc:  # a Ray worker died or was late: this client's turn is lost, the round goes on
+            if server is not None:
+                server.abort()
+            return Session(None, None, float("nan"), 0, 0, 0, 0, lost=str(exc))
+        for name, n, epoch in client_sends + server_sends:  # sides that counted in a worker's copy of the channels
+            self.channels[name].counts.add(n, n, epoch)
+        stats = dict(client_flops=client_flops, server_flops=server_flops, client_memory=client_memory,
+                     server_memory=server_memory)
+        if up.kind == "client_failure":
+            return Session(None, None, mean_loss, failure=up.meta["reason"], stream=stream, **stats)
+        return Session(up.tensors, body_state, mean_loss, stream=stream, **stats)
 
     # -- the round ----------------------------------------------------------------------------
     def run_round(self, round: int) -> RoundResult:
@@ -285,8 +251,15 @@ class SplitFed(Paradigm):
         out = RoundResult(train_loss=None, clients=clients)
         server_body: TensorDict = {}  # V2: the shared body adapter as it evolves through the round
         sessions: dict[int, Session] = {}
-        for cid in clients:
-            session = self._session(round, cid, server_body if shared else {})
+        streams: dict[int, dict] = {}  # applied once the round completes
+        lost: dict[int, str] = {}
+
+        def take(cid: int, session: Session) -> None:
+            if session.lost:
+                lost[cid] = session.lost
+                return
+            lost.pop(cid, None)
+            streams[cid] = session.stream
             out.client_flops[cid] = session.client_flops
             out.client_peak_memory[cid] = session.client_memory
             out.server_flops += session.server_flops
@@ -294,10 +267,28 @@ class SplitFed(Paradigm):
             if session.failure:
                 out.rejected.append({"client": cid, "reason": session.failure})
                 self.ctx.progress.log(f"[yellow]round {round}: client {cid} rejected: {session.failure}")
-                continue
+                return
             sessions[cid] = session
             if shared:
                 server_body.update(session.body_state)
+
+        for cid in clients:
+            take(cid, self._session(round, cid, server_body if shared else {}))
+        need = min(cfg.federation.min_clients, len(clients))
+        for attempt in range(cfg.runtime.max_retries):  # lost turns (Ray backend) retried while too few replied
+            if not lost or len(clients) - len(lost) >= need:
+                break
+            self.ctx.progress.log(f"[yellow]round {round}: retrying the lost sessions of clients {sorted(lost)}")
+            for cid in sorted(lost):
+                take(cid, self._session(round, cid, server_body if shared else {}))
+        if len(clients) - len(lost) < need:
+            detail = "; ".join(f"client {c}: {r}" for c, r in sorted(lost.items()))
+            raise ClientQuorumError(
+                f"round {round}: only {len(clients) - len(lost)} of {len(clients)} clients replied, fewer than "
+                f"federation.min_clients = {need}, after {cfg.runtime.max_retries} retries ({detail})", round)
+        out.rejected[:0] = [{"client": c, "reason": r, "lost": True} for c, r in sorted(lost.items())]
+        for cid, state in streams.items():
+            self.streams[cid].load_state_dict(state)
         if sessions:
             self._aggregate(sessions, server_body if shared else None)
             total = sum(len(self.streams[c].indices) for c in sessions)

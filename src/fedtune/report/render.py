@@ -46,12 +46,13 @@ def format_seconds(s: float | None) -> str:
     return f"{m}m {sec:02d}s" if h == 0 else f"{h}h {m:02d}m {sec:02d}s"
 
 
-def _num(x: float | None, digits: int = 4) -> str:
+def fmt_num(x: float | None, digits: int = 4) -> str:
+    """``x`` with ``digits`` decimals, or n/a."""
     return NA if x is None else f"{x:.{digits}f}"
 
 
 def _before_after(before: float | None, after: float | None, digits: int) -> str:
-    return f"{_num(before, digits)} → {_num(after, digits)}"
+    return f"{fmt_num(before, digits)} → {fmt_num(after, digits)}"
 
 
 def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -68,6 +69,7 @@ def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("Rounds", NA if rounds is None else str(rounds)),
         ("Eval loss (before → after)", _before_after(initial.get("eval_loss"), final.get("eval_loss"), 4)),
         ("Perplexity (before → after)", _before_after(initial.get("eval_ppl"), final.get("eval_ppl"), 2)),
+        *_metric_rows(initial.get("metrics") or {}, final.get("metrics") or {}),
         ("Uplink", format_bytes(comm.get("uplink_bytes"))),
         ("Downlink", format_bytes(comm.get("downlink_bytes"))),
         ("Total bytes", format_bytes(total)),
@@ -77,6 +79,12 @@ def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("Wall time", format_seconds(time.get("wall_s"))),
         ("Simulated time", format_seconds(time.get("simulated_s"))),
     ] + _split_rows(summary)
+
+
+def _metric_rows(initial: dict[str, float], final: dict[str, float]) -> list[tuple[str, str]]:
+    """One row per task metric (BLEU, ROUGE-L, exact match), before → after."""
+    return [(f"{name} (before → after)", _before_after(initial.get(name), final.get(name), 2))
+            for name in sorted(set(initial) | set(final))]
 
 
 def _split_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -177,7 +185,7 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(header: list[str], rows: list[list[Any]], align: str = "") -> list[str]:
+def md_table(header: list[str], rows: list[list[Any]], align: str = "") -> list[str]:
     """Markdown table lines; ``align`` holds one ``l``/``r`` per column (default: first left, rest right)."""
     align = align or "l" + "r" * (len(header) - 1)
     sep = ["---" if a == "l" else "---:" for a in align]
@@ -201,19 +209,19 @@ def _rounds_section(metrics: list[dict[str, Any]]) -> list[str]:
     rows = [
         [
             m.get("round", NA),
-            _num(m.get("train_loss")),
-            _num(m.get("eval_loss")),
-            _num(m.get("eval_ppl"), 2),
+            fmt_num(m.get("train_loss")),
+            fmt_num(m.get("eval_loss")),
+            fmt_num(m.get("eval_ppl"), 2),
             format_bytes(m.get("uplink_bytes")),
             format_bytes(m.get("downlink_bytes")),
             format_flops(m.get("client_flops")),
-            _num(m.get("wall_s"), 1),
+            fmt_num(m.get("wall_s"), 1),
             len(m.get("rejected") or []),
         ]
         for m in metrics
     ]
     header = ["Round", "Train loss", "Eval loss", "PPL", "Up", "Down", "Client FLOPs", "Wall s", "Rejected"]
-    return ["## Rounds", "", *_md_table(header, rows), ""]
+    return ["## Rounds", "", *md_table(header, rows), ""]
 
 
 def _clients_section(clients: list[dict[str, Any]]) -> list[str]:
@@ -232,7 +240,7 @@ def _clients_section(clients: list[dict[str, Any]]) -> list[str]:
         for c in clients
     ]
     header = ["Client", "Samples", "Uplink", "Downlink", "FLOPs", "Peak memory", "Rejected updates"]
-    return ["## Clients", "", *_md_table(header, rows), ""]
+    return ["## Clients", "", *md_table(header, rows), ""]
 
 
 def _sample_section(sample: dict[str, Any]) -> list[str]:
@@ -262,9 +270,9 @@ def _partition_section(run_dir: Path) -> list[str]:
             mix = dict(enumerate(mix)) if isinstance(mix, list) else mix
             classes = ", ".join(f"{k}: {v}" for k, v in mix.items())
             mean_len = c.get("mean_length")
-            rows.append([c.get("client", NA), c.get("num_samples", NA), _num(mean_len, 1), label_text or "—", classes or "—"])
+            rows.append([c.get("client", NA), c.get("num_samples", NA), fmt_num(mean_len, 1), label_text or "—", classes or "—"])
         if rows:
-            lines += [*_md_table(["Client", "Samples", "Mean length", "Labels", "Length classes"], rows, "lrrll"), ""]
+            lines += [*md_table(["Client", "Samples", "Mean length", "Labels", "Length classes"], rows, "lrrll"), ""]
     if has_png:
         lines += ["![Data partition](partition.png)", ""]
     return lines
@@ -293,7 +301,7 @@ def write_report(run_dir: Path) -> Path:
             if trainable is not None:
                 detail += f", {trainable:,} trainable ({100 * trainable / params:.2f}%)"
         lines += [detail + ".", ""]
-    lines += ["## Summary", "", *_md_table(["Metric", "Value"], [list(r) for r in summary_table(summary)], "lr"), ""]
+    lines += ["## Summary", "", *md_table(["Metric", "Value"], [list(r) for r in summary_table(summary)], "lr"), ""]
     lines += ["Sizes use base-1000 units (1 MB = 10^6 bytes).", ""]
     lines += ["## Evaluation loss", "", "![Evaluation loss](eval_loss.png)", ""]
     lines += _rounds_section(metrics)

@@ -1,0 +1,1 @@
+"""Task metrics on generated answers (BLEU / ROUGE-L, exact match)."""

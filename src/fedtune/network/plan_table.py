@@ -1,0 +1,57 @@
+"""``fedtune plan``: one round's plan, per client, and every planner's latency, without training."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.models.flops import model_cost
+from fedtune.network.planner import PLANNERS
+from fedtune.network.simtime import NetworkSim, RoundPlan, default_profiles
+from fedtune.network.workload import client_sample_counts, model_skeleton, round_workload
+from fedtune.paradigms import PARADIGMS
+
+
+def plan_round(cfg, round: int = 1) -> tuple[NetworkSim, RoundPlan, dict[str, float]]:
+    """The network of a run of ``cfg`` (model built on the meta device), its plan for ``round``, and the latency
+    of that round under every planner."""
+    model = model_skeleton(cfg)
+    sizes = client_sample_counts(cfg) if cfg.train.local_epochs is not None else None
+    profiles, _ = default_profiles(cfg)
+    prunes = PARADIGMS.get(cfg.paradigm).prunes_clients
+    sim = NetworkSim(cfg, round_workload(cfg, model, model_cost(model), sizes), profiles, prunes)
+    rp = sim.plan(round)
+    latencies = {name: PLANNERS.get(name)(rp.problem).latency_s for name in PLANNERS.names()}
+    return sim, rp, latencies
+
+
+def _s(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def print_plan(cfg, round: int, console: Console) -> None:
+    sim, rp, latencies = plan_round(cfg, round)
+    net, w, plan = cfg.network, sim.workload, rp.plan
+    console.print(f"[bold]round {round}[/]: {len(rp.clients)} clients, planner [bold]{net.planner}[/], "
+                  f"band {net.bandwidth_hz / 1e6:g} MHz, {net.fading} fading, downlink broadcast "
+                  f"{rp.down_rate_bps / 1e6:.3g} Mbit/s")
+    console.print(f"nominal round per client (unpruned): adapter {w.up_bytes / 1e6:.3g} MB up and down, "
+                  f"{w.flops.max() / 1e12:.3g} TFLOP, training memory {w.memory_bytes / 1e9:.3g} GB")
+    table = Table(title=f"plan ({net.planner})", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("client", "device", "dist m", "gain dB", "share", "rho", "comp s", "comm s", "finish s"):
+        table.add_column(col, justify="left" if col == "device" else "right", no_wrap=True)
+    for i, cid in enumerate(rp.clients):
+        table.add_row(str(cid), sim.profiles[cid].name, f"{rp.channel.distance_m[i]:.0f}",
+                      f"{rp.channel.gain_db[i]:.1f}", f"{plan.share[i]:.3f}", f"{plan.rho[i]:.3f}",
+                      _s(plan.compute_s[i]), _s(plan.comm_s[i]), _s(plan.finish_s[i]))
+    console.print(table)
+    ref = latencies.get("equal")
+    summary = Table(title="round latency by planner", box=box.SIMPLE_HEAD)
+    summary.add_column("planner")
+    summary.add_column("latency s", justify="right")
+    summary.add_column("vs equal", justify="right")
+    for name, latency in sorted(latencies.items(), key=lambda kv: kv[1]):
+        mark = " *" if name == net.planner else ""
+        summary.add_row(name + mark, _s(latency), f"{(latency / ref - 1) * 100:+.1f} %" if ref else "")
+    console.print(summary)

@@ -1,0 +1,228 @@
+"""Simulated time: a run's network (``ctx.network``) plans each round and turns what happened into seconds.
+
+Before a round: the round's channel is drawn (seeded by round), and the configured planner splits the band
+and picks pruning rates for the sampled clients from their nominal workload (:mod:`fedtune.network.workload`).
+
+After a client's turn, its seconds come from what was measured: compute = FLOPs / device FLOP/s; uplink =
+its ledger upload bytes at the Shannon rate of its share; downlink = its ledger download bytes at the
+broadcast rate; energy = transmit power x uplink seconds + ``energy_pj_per_flop`` x FLOPs. A paradigm that
+prunes (FedLLM) applies the plan's rates through ``ctx.pruning_rates``, so the FLOPs and bytes charged are those
+of the pruned models, measured; for the others the planner only splits the band (every rate 0). A round lasts
+as long as its slowest client;
+with ``deadline_s``, clients finishing later are stragglers (FedLLM leaves them out of the aggregate) and the
+round lasts until the deadline.
+
+Everything is a function of (seed, round, config) and the ledger, so a resumed run gets the same seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtune.comm.ledger import DOWN, UP
+from fedtune.federated.sampling import sample_clients
+from fedtune.network.channel import Channel, ChannelState, uplink_rate
+from fedtune.network.devices import PRESETS, DeviceProfile, client_profiles
+from fedtune.network.planner import PLANNERS, Plan, PlanProblem
+from fedtune.network.workload import Workload
+
+#: Device of every client when the network is on and ``[devices] profiles`` is not set.
+DEFAULT_DEVICE = "laptop"
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """A round's channel, planning problem and plan (arrays in the order of ``clients``)."""
+
+    round: int
+    clients: list[int]
+    channel: ChannelState
+    down_rate_bps: float
+    problem: PlanProblem
+    plan: Plan
+
+    def index(self, cid: int) -> int:
+        return self.clients.index(cid)
+
+
+@dataclass(frozen=True)
+class ClientTime:
+    """One client's realised round: seconds, energy, and the allocation it ran under."""
+
+    client: int
+    share: float
+    rho: float
+    pruning_applied: bool
+    compute_s: float
+    up_s: float
+    down_s: float
+    energy_j: float
+
+    @property
+    def comm_s(self) -> float:
+        return self.up_s + self.down_s
+
+    @property
+    def finish_s(self) -> float:
+        return self.compute_s + self.up_s + self.down_s
+
+
+def default_profiles(cfg) -> tuple[list[DeviceProfile], bool]:
+    """Per-client device profiles from ``[devices]``, else every client a laptop (second value: defaulted)."""
+    profiles = client_profiles(cfg.devices, cfg.federation.num_clients)
+    if profiles is None:
+        return [PRESETS[DEFAULT_DEVICE]] * cfg.federation.num_clients, True
+    return profiles, False
+
+
+def planning_problem(cfg, channel: Channel, state: ChannelState, workload: Workload,
+                     profiles: list[DeviceProfile], prunes: bool = True) -> tuple[PlanProblem, float]:
+    """The planning problem of the clients in ``state`` (and the downlink broadcast rate). Without ``prunes`` (the
+    paradigm cannot prune its clients' models) the planner only splits the band: every rate is fixed at 0."""
+    net, idx = cfg.network, state.clients
+    devs = [profiles[c] for c in idx]
+    power = np.array([d.tx_power_w for d in devs])
+    flops = workload.flops[idx]
+    memory = np.array([d.memory_bytes for d in devs], float)
+    down_rate = channel.downlink_rate(state.gain)
+    problem = PlanProblem(
+        compute_s=flops / np.array([d.flops_per_s for d in devs]),
+        up_bits=np.full(len(idx), 8.0 * workload.up_bytes),
+        down_s=np.full(len(idx), 8.0 * workload.down_bytes / down_rate),
+        snr=channel.snr(power, state.gain),
+        bandwidth_hz=net.bandwidth_hz,
+        rho_min=np.maximum(0.0, 1.0 - memory / workload.memory_bytes) if prunes else np.zeros(len(idx)),
+        rho_max=net.rho_max if prunes else 0.0,
+        budget=net.mean_rho_budget,
+        tx_power_w=power,
+        compute_j=net.energy_pj_per_flop * 1e-12 * flops,
+    )
+    return problem, down_rate
+
+
+class NetworkSim:
+    """The run's simulated wireless network (``ctx.network``); None on the context when ``[network]`` is off."""
+
+    def __init__(self, cfg, workload: Workload, profiles: list[DeviceProfile], prunes: bool = True) -> None:
+        self.cfg = cfg
+        self.prunes = prunes
+        self.workload = workload
+        self.profiles = profiles
+        self.channel = Channel(cfg.network, cfg.federation.num_clients, cfg.seed)
+        self.planner = PLANNERS.get(cfg.network.planner)
+        self._plans: dict[tuple[int, tuple[int, ...]], RoundPlan] = {}
+        self.ledger = None
+        # memory and the quality budget do not depend on the channel: an impossible setting fails before training
+        everyone = list(range(cfg.federation.num_clients))
+        problem, _ = planning_problem(cfg, self.channel, self.channel.draw(1, everyone), workload, profiles, prunes)
+        problem.check()
+
+    @classmethod
+    def from_context(cls, ctx, prunes: bool = False) -> "NetworkSim | None":
+        """The run's network, or None without ``[network] planner``. With ``prunes`` (the paradigm applies
+        per-client pruning, as FedLLM does) the plan's rates are applied through ``ctx.pruning_rates``, so the
+        FLOPs and bytes charged are those of the pruned models; otherwise the planner only splits the band."""
+        from fedtune.network.workload import round_workload
+
+        cfg = ctx.cfg
+        if not cfg.network.enabled:
+            return None
+        profiles, defaulted = default_profiles(cfg)
+        if defaulted:
+            ctx.progress.log(f"network: devices.profiles is not set; every client is a '{DEFAULT_DEVICE}'")
+        workload = round_workload(cfg, ctx.model, ctx.cost, [len(p) for p in ctx.partitions])
+        sim = cls(cfg, workload, profiles, prunes)
+        sim.ledger = ctx.ledger
+        if prunes:
+            ctx.pruning_rates = sim.pruning_rates
+        return sim
+
+    # -- planning ----------------------------------------------------------------------------
+    def plan(self, round: int, clients: list[int] | None = None) -> RoundPlan:
+        """The plan of ``round`` for ``clients`` (default: the round's sampled clients), solved once."""
+        clients = sample_clients(self.cfg, round) if clients is None else sorted(clients)
+        key = (round, tuple(clients))
+        if key not in self._plans:
+            for old in [k for k in self._plans if k[0] < round - 1]:
+                del self._plans[old]
+            state = self.channel.draw(round, clients)
+            problem, down_rate = planning_problem(self.cfg, self.channel, state, self.workload, self.profiles,
+                                                  self.prunes)
+            self._plans[key] = RoundPlan(round, clients, state, down_rate, problem, self.planner(problem))
+        return self._plans[key]
+
+    def pruning_rates(self, round: int) -> dict[int, float]:
+        """The plan's rate per sampled client (the shape ``ctx.pruning_rates`` takes)."""
+        rp = self.plan(round)
+        return {c: float(r) for c, r in zip(rp.clients, rp.plan.rho)}
+
+    # -- realised seconds --------------------------------------------------------------------
+    def client_time(self, rp: RoundPlan, cid: int, flops: float, up_bytes: int, down_bytes: int,
+                    applied_rate: float = 0.0) -> ClientTime:
+        """Seconds and energy of ``cid``'s measured round under plan ``rp`` (see the module doc)."""
+        i = rp.index(cid)
+        share, rho = float(rp.plan.share[i]), float(rp.plan.rho[i])
+        device = self.profiles[cid]
+        rate = float(uplink_rate(np.array([share]), self.cfg.network.bandwidth_hz, rp.problem.snr[i:i + 1])[0])
+        up_s = 8.0 * up_bytes / rate if up_bytes > 0 else 0.0
+        down_s = 8.0 * down_bytes / rp.down_rate_bps if down_bytes > 0 else 0.0
+        energy = device.tx_power_w * up_s + self.cfg.network.energy_pj_per_flop * 1e-12 * flops
+        return ClientTime(cid, share, rho, applied_rate > 0, flops / device.flops_per_s, up_s, down_s, energy)
+
+    def _measured(self, round: int, cid: int, flops: float, applied_rate: float, rp: RoundPlan) -> ClientTime:
+        up = self.ledger.bytes(round=round, client=cid, direction=UP)
+        down = self.ledger.bytes(round=round, client=cid, direction=DOWN)
+        return self.client_time(rp, cid, flops, up, down, applied_rate)
+
+    def straggler(self, round: int, cid: int, flops: float, applied_rate: float = 0.0) -> bool:
+        """Whether ``cid`` (its turn done, upload in the ledger) finishes after ``network.deadline_s``."""
+        deadline = self.cfg.network.deadline_s
+        if deadline is None:
+            return False
+        return self._measured(round, cid, flops, applied_rate, self.plan(round)).finish_s > deadline
+
+    def round_record(self, round: int, result) -> dict:
+        """metrics.jsonl fields of a finished round: ``sim_s``, ``stragglers`` and per-client ``sim_clients``."""
+        clients = list(result.clients)
+        if not clients:
+            return {"sim_s": 0.0, "stragglers": 0, "sim_clients": []}
+        rp = self.plan(round) if sorted(clients) == sample_clients(self.cfg, round) else self.plan(round, clients)
+        applied = dict(zip(clients, result.extra.get("pruning_rates") or [0.0] * len(clients)))
+        deadline = self.cfg.network.deadline_s
+        rows, finishes, late = [], [], 0
+        for cid in clients:
+            t = self._measured(round, cid, result.client_flops.get(cid, 0), float(applied.get(cid, 0.0)), rp)
+            i = rp.index(cid)
+            is_late = deadline is not None and t.finish_s > deadline
+            late += is_late
+            finishes.append(t.finish_s)
+            rows.append({
+                "client": cid, "device": self.profiles[cid].name,
+                "distance_m": float(rp.channel.distance_m[i]), "gain_db": float(rp.channel.gain_db[i]),
+                "share": t.share, "rho": t.rho, "pruning_applied": t.pruning_applied,
+                "compute_s": t.compute_s, "up_s": t.up_s, "down_s": t.down_s, "comm_s": t.comm_s,
+                "energy_j": t.energy_j, "finish_s": t.finish_s, "straggler": bool(is_late),
+            })
+        sim = float(deadline) if late else float(max(finishes))
+        return {"sim_s": sim, "stragglers": int(late), "sim_clients": rows, "planned_s": float(rp.plan.latency_s),
+                "planner": self.cfg.network.planner, "down_rate_bps": float(rp.down_rate_bps)}
+
+
+def summarise(records: list[dict], clients: list[dict]) -> dict:
+    """Totals over metrics records: adds compute_s, comm_s, energy_j, stragglers to each client entry and returns
+    the summary's ``network`` section."""
+    totals = {c["id"]: {"compute_s": 0.0, "comm_s": 0.0, "energy_j": 0.0, "stragglers": 0} for c in clients}
+    planned = 0.0
+    for rec in records:
+        planned += rec.get("planned_s") or 0.0
+        for row in rec.get("sim_clients") or []:
+            t = totals.setdefault(row["client"], {"compute_s": 0.0, "comm_s": 0.0, "energy_j": 0.0, "stragglers": 0})
+            for key in ("compute_s", "comm_s", "energy_j"):
+                t[key] += row[key]
+            t["stragglers"] += int(row["straggler"])
+    for entry in clients:
+        entry.update(totals.get(entry["id"], {}))
+    return {"planned_s": planned, "energy_j": sum(t["energy_j"] for t in totals.values()),
+            "stragglers": sum(int(r.get("stragglers") or 0) for r in records)}

@@ -1,0 +1,287 @@
+"""The two halves of one client's split training session, and the in-process link between them.
+
+:class:`ClientSide` and :class:`ServerSide` each run on a model holding their blocks: the run's one shared model
+in process, or a Ray worker's own copy. Between the activation upload and the gradient reply the client keeps the
+autograd graph of its head blocks (and the open step of its memory meter), the server the graph from the received
+activations to the loss (standard) or to the body output (U-shape).
+
+Per step (standard): ``client.forward`` -> activations up -> ``server.step`` (body, loss, backward, server step) ->
+gradients down -> ``client.backward`` (client step). U-shape: ``client.forward`` -> ``server.forward`` -> body output
+down -> ``client.tail`` (tail, head, loss, backward) -> tail gradients up -> ``server.backward`` (server step) ->
+gradients down -> ``client.backward``. Every message crosses the run's transport; the driver only relays. The order
+of forward passes (which is the order of dropout draws) is the same in process and on Ray, where the random
+generator's state is handed from side to side with the messages (:func:`rng_state`), so both give one result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedtune.comm.messages import Message
+from fedtune.engine.client_data import SampleStream
+from fedtune.engine.seeding import seed_torch
+from fedtune.engine.training import all_finite, make_optimizer
+from fedtune.models.lora import adapter_state, load_adapter_state
+from fedtune.models.memory import MemoryMeter
+from fedtune.split.cut import Cut
+
+TensorDict = dict[str, torch.Tensor]
+
+
+def rng_state(device: torch.device) -> dict:
+    """The global generator state a side hands on (CPU, plus CUDA when the model runs there)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict | None, device: torch.device) -> None:
+    if state is None:
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_blocks(model, tensors: TensorDict) -> None:
+    """Load the LoRA weights of some blocks (the rest keep their values); keys and shapes are checked."""
+    load_adapter_state(model, {**adapter_state(model), **tensors})
+
+
+@dataclass
+class _Pending:
+    act: torch.Tensor
+    meter_step: Any
+    mask: torch.Tensor
+    cpu_mask: torch.Tensor
+    labels: torch.Tensor
+    rows: list[int]
+    epoch: int
+    tail_input: torch.Tensor | None = None
+
+
+class _Side:
+    def __init__(self, p, cid: int) -> None:
+        self.p, self.cid = p, cid
+        self.ctx = p.ctx
+        self.device = p.ctx.device
+        self.L = p.split.num_layers
+        #: (interface, samples, epoch) of every message this side sent, for a driver that keeps the counts
+        self.sends: list[tuple[str, int, int]] = []
+
+    def _send(self, name: str, x: torch.Tensor, rows: list[int], mask: torch.Tensor, epoch: int,
+              extra: dict | None = None) -> tuple[Message, Message]:
+        ch = self.p.channels
+        self.sends.append((name, len(rows), epoch))
+        return ch[name].send(self.cid, rows, x, mask, extra or {}, ch.theta(name), epoch)
+
+
+class ClientSide(_Side):
+    """A client's half: its blocks' optimizer and memory meter, its data stream, its pending activation graph."""
+
+    def __init__(self, p, round: int, cid: int, cut: Cut, adapter: TensorDict, stream: SampleStream,
+                 steps: int) -> None:
+        super().__init__(p, cid)
+        cfg = self.ctx.cfg
+        self.cut, self.stream = cut, stream
+        blocks = set(cut.client_blocks(self.L))
+        self.keys = p._keys(blocks)
+        load_blocks(self.ctx.model, adapter)
+        seed_torch(cfg.seed, "split-train", round, cid)
+        self.opt = make_optimizer(p._params(blocks), cfg.train.lr, cfg.train.weight_decay)
+        self.meter = MemoryMeter(self.device, by_tensors=True)
+        self.batches = self.ctx.indexed_batches(stream, steps)
+        self.pending: _Pending | None = None
+        self.ctx.model.train()
+
+    def forward(self) -> tuple[Message, Message, dict]:
+        """The next batch through the head blocks: (activation message, its uncompressed equivalent, info)."""
+        rows, batch = next(self.batches)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        cpu_mask = mask.cpu()
+        step = self.meter.step()
+        step.__enter__()
+        act = self.p.split.run(0, self.cut.head, input_ids=ids, attention_mask=mask)
+        extra = {"attention_mask": cpu_mask.bool()}
+        if not self.cut.tail:
+            extra["labels"] = labels.cpu().to(torch.int32)
+        epoch = self.stream.epoch
+        message, baseline = self._send("activations", act, rows, cpu_mask, epoch, extra)
+        self.pending = _Pending(act, step, mask, cpu_mask, labels, rows, epoch)
+        return message, baseline, {"tokens": ids.numel(), "seq": ids.shape[1], "rows": rows, "epoch": epoch}
+
+    def tail(self, body: Message) -> tuple[Message | None, Message | None, float]:
+        """U-shape: the body output through the tail blocks, norm, LM head and loss; back-propagate to the body
+        output and return its gradient (None if the loss is not finite)."""
+        pd, L = self.pending, self.L
+        t = self.p.channels["body_output"].receive(self.cid, body, pd.cpu_mask).to(self.device).requires_grad_()
+        out = self.p.split.run(L - self.cut.tail, L, hidden=t, attention_mask=pd.mask, labels=pd.labels)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            return None, None, float(loss.item())
+        loss.backward()
+        message, baseline = self._send("tail_gradients", t.grad, pd.rows, pd.cpu_mask, pd.epoch)
+        return message, baseline, float(loss.item())
+
+    def backward(self, grads: Message) -> None:
+        """The cut-layer gradient through the head blocks; one client optimizer step."""
+        pd, self.pending = self.pending, None
+        pd.meter_step.__exit__(None, None, None)
+        pd.act.backward(self.p.channels["gradients"].receive(self.cid, grads, pd.cpu_mask).to(self.device))
+        self.p._clip_and_step(self.opt)
+        self.meter.observe(self.p._client_modules(self.cut), self.opt)
+
+    def abort(self) -> None:
+        """Drop a step whose loss was not finite."""
+        if self.pending is not None:
+            self.pending.meter_step.__exit__(None, None, None)
+            self.pending = None
+        self.opt.zero_grad(set_to_none=True)
+
+    def finish(self, failure: str | None, mean_loss: float) -> tuple[Message, int, dict]:
+        """The session's last upload (the client's blocks, or a failure notice), its peak memory, its stream."""
+        self.abort()
+        state = adapter_state(self.ctx.model)
+        client_state = {k: state[k] for k in self.keys}
+        if failure is None and not all_finite(client_state):
+            failure = "non-finite client adapter weights"
+        if failure:
+            message = Message("client_failure", meta={"reason": failure})
+        else:
+            message = Message("client_adapter", client_state,
+                              {"num_samples": len(self.stream.indices), "train_loss": mean_loss})
+        return message, self.meter.peak_bytes, self.stream.state_dict()
+
+
+class ServerSide(_Side):
+    """The server's half for one client's session: the body blocks' optimizer and meter, its pending graph."""
+
+    def __init__(self, p, round: int, cid: int, cut: Cut, body: TensorDict) -> None:
+        super().__init__(p, cid)
+        cfg = self.ctx.cfg
+        self.cut = cut
+        blocks = set(cut.body(self.L))
+        self.keys = p._keys(blocks)
+        load_blocks(self.ctx.model, body)
+        self.opt = make_optimizer(p._params(blocks), cfg.train.lr, cfg.train.weight_decay)
+        self.meter = MemoryMeter(self.device, by_tensors=True)
+        self.pending: tuple | None = None
+        self.ctx.model.train()
+
+    def _receive(self, up: Message) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = up.tensors["attention_mask"].long()
+        h = self.p.channels["activations"].receive(self.cid, up, mask).to(self.device).requires_grad_()
+        return h, mask
+
+    def _observe(self) -> None:
+        self.meter.observe(torch.nn.ModuleList([self.p.split.blocks[b] for b in self.cut.body(self.L)]), self.opt)
+
+    def step(self, up: Message, rows: list[int], epoch: int) -> tuple[Message | None, Message | None, float]:
+        """Standard split: body, norm, LM head and loss on the activations; back-propagate, step, and return the
+        cut-layer gradient (None if the loss is not finite)."""
+        with self.meter.step():
+            h, mask = self._receive(up)
+            out = self.p.split.run(self.cut.head, self.L, hidden=h, attention_mask=mask.to(self.device),
+                                   labels=up.tensors["labels"].to(self.device).long())
+        loss = out.loss
+        if not torch.isfinite(loss):
+            return None, None, float(loss.item())
+        loss.backward()
+        self.p._clip_and_step(self.opt)
+        message, baseline = self._send("gradients", h.grad, rows, mask, epoch)
+        self._observe()
+        return message, baseline, float(loss.item())
+
+    def forward(self, up: Message, rows: list[int], epoch: int) -> tuple[Message, Message]:
+        """U-shape: the body blocks on the activations; returns the body output (kept: its graph waits)."""
+        with self.meter.step():
+            h, mask = self._receive(up)
+            body = self.p.split.run(self.cut.head, self.L - self.cut.tail, hidden=h, attention_mask=mask.to(self.device))
+        self.pending = (h, body, mask, rows, epoch)
+        return self._send("body_output", body, rows, mask, epoch)
+
+    def backward(self, tail_grads: Message) -> tuple[Message, Message]:
+        """U-shape: the tail gradient through the body blocks; one server step; the cut-layer gradient."""
+        (h, body, mask, rows, epoch), self.pending = self.pending, None
+        body.backward(self.p.channels["tail_gradients"].receive(self.cid, tail_grads, mask).to(self.device))
+        self.p._clip_and_step(self.opt)
+        message, baseline = self._send("gradients", h.grad, rows, mask, epoch)
+        self._observe()
+        return message, baseline
+
+    def abort(self) -> None:
+        self.pending = None
+        self.opt.zero_grad(set_to_none=True)
+
+    def finish(self) -> tuple[TensorDict, int]:
+        """The body blocks' weights after this session, and the server's peak memory in it."""
+        self.abort()
+        state = adapter_state(self.ctx.model)
+        return {k: state[k] for k in self.keys}, self.meter.peak_bytes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The in-process link: both sides on the run's model, every message through the run's transport.
+
+
+@dataclass
+class LocalClient:
+    side: ClientSide
+    transport: Any
+    round: int
+    cid: int
+
+    def _up(self, message: Message, baseline: Message | None = None) -> Message:
+        return self.transport.upload(message, round=self.round, client=self.cid, baseline=baseline)
+
+    def forward(self) -> tuple[Message, dict]:
+        message, baseline, info = self.side.forward()
+        return self._up(message, baseline), info
+
+    def tail(self, body: Message) -> tuple[Message | None, float]:
+        message, baseline, loss = self.side.tail(body)
+        return (None if message is None else self._up(message, baseline)), loss
+
+    def backward(self, grads: Message) -> None:
+        self.side.backward(grads)
+
+    def abort(self) -> None:
+        self.side.abort()
+
+    def finish(self, failure: str | None, mean_loss: float) -> tuple[Message, int, dict, list]:
+        message, memory, stream = self.side.finish(failure, mean_loss)
+        return self._up(message), memory, stream, []
+
+
+@dataclass
+class LocalServer:
+    side: ServerSide
+    transport: Any
+    round: int
+    cid: int
+    sends: list = field(default_factory=list)
+
+    def _down(self, message: Message, baseline: Message | None) -> Message:
+        return self.transport.download(message, round=self.round, client=self.cid, baseline=baseline)
+
+    def step(self, up: Message, info: dict) -> tuple[Message | None, float]:
+        message, baseline, loss = self.side.step(up, info["rows"], info["epoch"])
+        return (None if message is None else self._down(message, baseline)), loss
+
+    def forward(self, up: Message, info: dict) -> Message:
+        return self._down(*self.side.forward(up, info["rows"], info["epoch"]))
+
+    def backward(self, tail_grads: Message) -> Message:
+        return self._down(*self.side.backward(tail_grads))
+
+    def abort(self) -> None:
+        self.side.abort()
+
+    def finish(self) -> tuple[TensorDict, int, list]:
+        state, memory = self.side.finish()
+        return state, memory, []

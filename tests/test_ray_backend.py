@@ -1,0 +1,358 @@
+"""Ray backend: same results as in-process (FedLLM, KD, standard and U-shape split), lost client turns (killed /
+frozen workers), the quorum stop and its resume, a lost split server and its resume, and a two-node loopback
+cluster with token authentication.
+
+Ray talks to loopback only: the single-node instance runs on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), the
+cluster test starts a head on 127.0.0.2 and a worker node on 127.0.0.3 itself and stops them by process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY
+
+ray = pytest.importorskip("ray")
+
+from fedtune.config import load_config  # noqa: E402
+from fedtune.engine.checkpoint import Checkpointer  # noqa: E402
+from fedtune.engine.client_data import SampleStream  # noqa: E402
+from fedtune.engine.runner import Runner  # noqa: E402
+from fedtune.errors import ClientQuorumError, ConfigError, ServerLostError  # noqa: E402
+from fedtune.runtime.ray_backend import RayBackend, release_parked  # noqa: E402
+
+FAST = ("runtime.progress=false", "eval.metric=none", "federation.rounds=2", "train.local_steps=4")
+RAY = ("runtime.backend=ray", "runtime.workers=2")
+KD = ("paradigm=kd", "kd.public_samples=16", "kd.distill_steps=1")
+SPLIT = ("paradigm=split", "split.cut=2", "train.local_steps=3")
+COMPARED = ("round", "train_loss", "eval_loss", "uplink_bytes", "downlink_bytes", "cum_uplink_bytes",
+            "cum_downlink_bytes", "client_flops", "clients")
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """One single-node Ray instance on 127.0.0.1 with token authentication, shared by this module's runs."""
+    token = tmp_path_factory.mktemp("ray-auth") / "token"
+    token.write_text(secrets.token_hex(32))
+    with pytest.MonkeyPatch.context() as mp:
+        # Single-machine mode, or Ray rewrites 127.0.0.1 to the outward address. Ray reads the variable at import
+        # (already done here), so the constant is set too; Ray's own processes read the environment.
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setattr("ray._private.ray_constants.ENABLE_RAY_CLUSTER", False)
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("RAY_AUTH_MODE", "token")
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        from ray._raylet import Config
+
+        Config.initialize("")  # ray was imported before the variables were set: re-read them
+        ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level="warning")
+        try:
+            yield ray
+        finally:
+            release_parked()
+            ray.shutdown()
+            Config.initialize("")
+
+
+def _run(out: Path, *overrides: str, resume: bool = False) -> dict:
+    cfg = load_config(TINY, [*FAST, *overrides])
+    return Runner(cfg, out).run(resume=resume)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = _metrics(a), _metrics(b)
+    assert len(ma) == len(mb)
+    for ra, rb in zip(ma, mb):
+        for key in COMPARED:
+            if isinstance(ra[key], float):
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["round"], key)
+            else:
+                assert rb[key] == ra[key], (ra["round"], key)
+    wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fedllm_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inprocess") / "fedllm"
+    _run(out)
+    return out
+
+
+def test_ray_backend_config_errors():
+    with pytest.raises(ConfigError, match="runtime.backend"):
+        load_config(TINY, ["runtime.backend=dask"])
+    with pytest.raises(ConfigError, match="min_clients"):
+        load_config(TINY, ["federation.min_clients=4"])  # 3 clients sampled
+    with pytest.raises(ConfigError, match="cpus_per_client"):
+        load_config(TINY, ["runtime.cpus_per_client=0"])
+
+
+def test_fedllm_on_ray_equals_inprocess(ray_local, fedllm_reference, tmp_path):
+    summary = _run(tmp_path / "ray", *RAY)
+    _assert_same_run(fedllm_reference, tmp_path / "ray")
+    assert summary["runtime"]["backend"] == "ray" and summary["runtime"]["workers"] == 2
+    assert summary["runtime"]["nodes"] == ["127.0.0.1"]
+    assert all(not r["rejected"] for r in _metrics(tmp_path / "ray"))
+
+
+def test_lost_turns_are_recorded_and_clients_rejoin(ray_local, tmp_path, monkeypatch):
+    """Round 1: client 1's worker is killed mid-call. Round 2: client 2's worker freezes (SIGSTOP) and times out;
+    client 1 trains again. Both rounds complete with the clients that replied."""
+    frozen = []
+
+    def inject(backend, job, worker):
+        if (job.round, job.client) == (1, 1):
+            ray.kill(worker.actor, no_restart=True)
+        elif (job.round, job.client) == (2, 2):
+            os.kill(worker.info["pid"], signal.SIGSTOP)
+            frozen.append(worker.info["pid"])
+
+    monkeypatch.setattr(RayBackend, "on_dispatch", inject)
+    out = tmp_path / "faults"
+    try:
+        summary = _run(out, *RAY, "runtime.client_timeout_s=10")
+    finally:
+        for pid in frozen:  # the backend killed it on timeout; make sure
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    lines = _metrics(out)
+    assert [(r["client"], r["lost"]) for r in lines[1]["rejected"]] == [(1, True)]
+    assert "worker died" in lines[1]["rejected"][0]["reason"]
+    assert [(r["client"], r["lost"]) for r in lines[2]["rejected"]] == [(2, True)]
+    assert "timed out" in lines[2]["rejected"][0]["reason"]
+    assert all(r["eval_loss"] is not None for r in lines)
+    clients = {c["id"]: c for c in summary["clients"]}
+    assert clients[0]["rounds_trained"] == 2
+    assert clients[1]["rounds_trained"] == 1 and clients[1]["rejected_updates"] == 1  # rejoined in round 2
+    assert clients[2]["rounds_trained"] == 1 and clients[2]["rejected_updates"] == 1
+    assert summary["runtime"]["lost_client_turns"] == 2
+    # a lost turn costs its download only (it was sent); no upload arrived
+    assert lines[1]["uplink_bytes"] < lines[1]["downlink_bytes"]
+
+
+def test_too_few_replies_stop_with_checkpoint_and_resume(ray_local, fedllm_reference, tmp_path, monkeypatch):
+    """min_clients = 3 and client 1's worker dies on every attempt of round 2: the run stops with a clear error and
+    a checkpoint of round 1 (although checkpoint.every = 2); resuming reaches the uninterrupted in-process result."""
+    attempts = []
+
+    def kill(backend, job, worker):
+        if (job.round, job.client) == (2, 1):
+            attempts.append(job.round)
+            ray.kill(worker.actor, no_restart=True)
+
+    monkeypatch.setattr(RayBackend, "on_dispatch", kill)
+    out = tmp_path / "quorum"
+    args = (*RAY, "federation.min_clients=3", "runtime.max_retries=1", "checkpoint.every=2")
+    with pytest.raises(ClientQuorumError, match=r"round 2: only 2 of 3 clients replied.*min_clients = 3.*--resume"):
+        _run(out, *args)
+    assert len(attempts) == 2  # the first try and one retry
+    assert (out / "checkpoints" / "latest").read_text() == "round-000001"
+    assert [r["round"] for r in _metrics(out)] == [0, 1]
+    assert not (out / "summary.json").exists()
+
+    monkeypatch.setattr(RayBackend, "on_dispatch", None)
+    _run(out, *args, resume=True)
+    _assert_same_run(fedllm_reference, out)
+
+
+@pytest.fixture(scope="module")
+def split_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inprocess") / "split"
+    _run(out, *SPLIT)
+    return out
+
+
+@pytest.mark.parametrize("shape", ["standard", "ushape"])
+def test_split_on_ray_equals_inprocess(ray_local, split_reference, tmp_path, shape):
+    """A client worker and the server's worker exchange activations and gradients through the driver's transport."""
+    extra = ("split.ushape=true", "split.server_adapter=per_client") if shape == "ushape" else ()
+    reference = split_reference
+    if extra:
+        reference = tmp_path / "inprocess"
+        _run(reference, *SPLIT, *extra)
+    summary = _run(tmp_path / "ray", *SPLIT, *extra, *RAY)
+    _assert_same_run(reference, tmp_path / "ray")
+    expected = json.loads((reference / "summary.json").read_text())
+    for key in ("activation_uplink_bytes", "gradient_downlink_bytes", "body_output_downlink_bytes", "adapter_bytes"):
+        assert summary["comm"][key] == expected["comm"][key], key
+    for key, value in expected["memory"].items():  # each side measured in its own worker's process
+        assert summary["memory"][key] == pytest.approx(value, rel=1e-3), key
+    assert summary["compression"]["activations"]["upload_ratio_per_epoch"] == \
+        expected["compression"]["activations"]["upload_ratio_per_epoch"]
+
+
+def test_split_lost_client_worker_and_lost_server_worker(ray_local, tmp_path, monkeypatch):
+    """Round 1: a client worker killed mid-session loses that session only (min_clients = 1). Round 2: the server's
+    worker killed mid-round stops the run at the checkpoint of round 1 (although checkpoint.every = 2, so written
+    at the stop); resuming finishes the run, and the lost client trained in round 2."""
+    def kill(backend, job, worker):
+        if (job.round, job.client) == (1, 1):
+            ray.kill(worker.actor, no_restart=True)
+        if (job.round, job.client) == (2, 1):
+            ray.kill(backend._server.actor, no_restart=True)
+
+    monkeypatch.setattr(RayBackend, "on_dispatch", kill)
+    out = tmp_path / "split"
+    args = (*SPLIT, *RAY, "checkpoint.every=2")
+    with pytest.raises(ServerLostError, match=r"round 2: the split server's Ray worker is lost.*--resume"):
+        _run(out, *args)
+    assert (out / "checkpoints" / "latest").read_text() == "round-000001"
+    lines = _metrics(out)
+    assert [r["round"] for r in lines] == [0, 1]
+    assert [(r["client"], r["lost"]) for r in lines[1]["rejected"]] == [(1, True)]
+    assert "worker died" in lines[1]["rejected"][0]["reason"]
+    # the checkpoint holds the state after round 1 only: client 0's finished round-2 session was not applied
+    state, _ = Checkpointer(out).load_latest()
+    sizes = [c["num_samples"] for c in json.loads((out / "partition.json").read_text())["clients"]]
+    expected = []
+    for cid, size in enumerate(sizes):
+        stream = SampleStream(list(range(size)), 0, cid)
+        if cid != 1:  # 3 steps x 8 samples in round 1
+            stream.take(24)
+        expected.append(stream.state_dict())
+    assert state["paradigm"]["streams"] == expected
+
+    monkeypatch.setattr(RayBackend, "on_dispatch", None)
+    summary = _run(out, *args, resume=True)
+    lines = _metrics(out)
+    assert [r["round"] for r in lines] == [0, 1, 2] and not lines[2]["rejected"]
+    assert {c["id"]: c["rounds_trained"] for c in summary["clients"]} == {0: 2, 1: 1, 2: 2}
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+
+
+def test_split_on_ray_refuses_compression():
+    with pytest.raises(ConfigError, match="without compression"):
+        load_config(TINY, [*SPLIT, *RAY, "compression.method=splitcom"])
+
+
+def test_kd_on_ray_equals_inprocess(ray_local, tmp_path):
+    _run(tmp_path / "inprocess", *KD)
+    _run(tmp_path / "ray", *KD, *RAY)
+    _assert_same_run(tmp_path / "inprocess", tmp_path / "ray")
+    a, b = _metrics(tmp_path / "inprocess")[-1], _metrics(tmp_path / "ray")[-1]
+    assert b["client_eval_loss"] == pytest.approx(a["client_eval_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A two-node cluster on one host: head on 127.0.0.2, worker node on 127.0.0.3, token authentication.
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _cluster_skip_reason() -> str | None:
+    if os.environ.get("FEDTUNE_SKIP_RAY_CLUSTER"):
+        return "FEDTUNE_SKIP_RAY_CLUSTER is set"
+    for host in ("127.0.0.2", "127.0.0.3"):
+        try:
+            _free_port(host)
+        except OSError as exc:
+            return f"cannot bind {host}: {exc}"
+    return None
+
+
+def _ray_start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    ray_cli = Path(sys.executable).with_name("ray")
+    with open(log, "wb") as fh:
+        return subprocess.Popen([str(ray_cli), "start", *args, "--block", "--disable-usage-stats"], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --block` we started, by process id (never `ray stop`): SIGTERM to it (it then stops the
+    node's processes), then SIGKILL to whatever is left of the process group it leads."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def _wait_for(condition, timeout: float, what: str, procs=()) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        for p in procs:
+            assert p.poll() is None, f"{what}: a ray start process exited with {p.returncode}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.skipif(_cluster_skip_reason() is not None, reason=f"two-node loopback Ray cluster test skipped: "
+                    f"{_cluster_skip_reason()}")
+def test_two_node_loopback_cluster_with_token_auth(tmp_path):
+    work = Path(tempfile.mkdtemp(prefix="ftray", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    token = work / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
+    port = _free_port("127.0.0.2")
+    address = f"127.0.0.2:{port}"
+    procs = []
+    try:
+        procs.append(_ray_start(["--head", "--node-ip-address", "127.0.0.2", "--port", str(port), "--num-cpus", "1",
+                                 "--include-dashboard=false", "--temp-dir", str(work / "head")], env, work / "head.log"))
+        _wait_for(lambda: "Ray runtime started" in (work / "head.log").read_text(), 90, "the head node", procs)
+        procs.append(_ray_start(["--address", address, "--node-ip-address", "127.0.0.3", "--num-cpus", "1",
+                                 "--temp-dir", str(work / "worker")], env, work / "worker.log"))
+
+        # while the worker node joins: the cluster refuses a driver without its token
+        wrong = work / "wrong-token"
+        wrong.write_text(secrets.token_hex(32))
+        probe = "import ray; ray.init(address='%s', log_to_driver=False)" % address
+        refused = subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_AUTH_TOKEN_PATH": str(wrong)},
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and ("Failed to connect" in refused.stderr or "uthentication" in refused.stderr)
+        _wait_for(lambda: "Ray runtime started" in (work / "worker.log").read_text(), 90, "the worker node", procs)
+
+        # fedtune connects by address with the token file from its config (no RAY_AUTH_* in its environment)
+        driver_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        out = tmp_path / "cluster"
+        done = subprocess.run(
+            [sys.executable, "-m", "fedtune", "run", str(TINY), *[a for o in FAST for a in ("--set", o)],
+             "--set", "federation.rounds=1",
+             "--set", "runtime.backend=ray", "--set", f"runtime.address={address}",
+             "--set", f"runtime.auth_token_path={token}", "--set", "runtime.workers=2", "--out", str(out)],
+            env=driver_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["runtime"]["nodes"] == ["127.0.0.2", "127.0.0.3"]  # one worker actor on each node
+        assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
