@@ -15,7 +15,7 @@ from fedtune.federated.strategies import ClientUpdate, weighted_mean
 from fedtune.models.flops import forward_flops, model_cost, train_flops
 from fedtune.models.lora import adapter_state, attach_lora, load_adapter_state
 from fedtune.models.pruning import (
-    Pruner, build_pruned_model, compute_mask, expand_adapter, kept_count, pruned_cost, slice_adapter,
+    Pruner, activation_norms, build_pruned_model, compute_mask, expand_adapter, kept_count, pruned_cost, slice_adapter,
     state_bytes,
 )
 
@@ -295,15 +295,76 @@ def test_a_coordinate_kept_by_one_client_takes_its_value():
 
 
 # ---------------------------------------------------------------------------------------------
+# Activation-aware importance (calibrated)
+
+
+def _reference_norms(model, ids, mask):
+    """Brute force: capture the output projections' inputs and take per-feature norms over unpadded tokens."""
+    captured = {}
+
+    def capture(key):
+        def hook(module, inputs, output) -> None:
+            captured[key] = inputs[0].detach()
+        return hook
+
+    hooks = [m.register_forward_hook(capture(key)) for i, layer in enumerate(model.model.layers)
+             for key, m in (((i, "mlp"), layer.mlp.down_proj), ((i, "attn"), layer.self_attn.o_proj))]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    return {key: x[mask.bool()].pow(2).sum(0).sqrt() for key, x in captured.items()}
+
+
+def test_activation_norms_skip_padding_and_ignore_the_adapter():
+    peft = _lora("llama")
+    mask = torch.ones_like(IDS)
+    mask[1, 8:] = 0  # padded tail: must not count
+    norms = activation_norms(peft, [{"input_ids": IDS, "attention_mask": mask}])
+    with peft.disable_adapter():
+        reference = _reference_norms(peft.get_base_model(), IDS, mask)
+    for (i, key), expected in reference.items():
+        torch.testing.assert_close(norms[i][key], expected.float())
+    # the (non-zero) LoRA weights do not change the statistics: they describe the frozen base
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(10)
+    again = activation_norms(peft, [{"input_ids": IDS, "attention_mask": mask}])
+    for i, block in enumerate(norms):
+        for key in block:
+            torch.testing.assert_close(again[i][key], block[key])
+
+
+def test_activation_method_keeps_the_channels_the_formula_ranks_highest():
+    peft = _gqa_llama()
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
+    norms = activation_norms(peft, batches)
+    mask = compute_mask(peft, 0.5, method="activation", targets="both", activations=norms)
+    for i, layer in enumerate(peft.model.layers):
+        score = layer.mlp.down_proj.weight.abs().sum(0) * norms[i]["mlp"]  # ||W[:, j]||_1 * ||X_j||_2
+        expected = torch.sort(torch.topk(score, kept_count(len(score), 0.5)).indices).values
+        assert torch.equal(mask.blocks[i].mlp_channels, expected)
+        per_feature = layer.self_attn.o_proj.weight.abs().sum(0) * norms[i]["attn"]
+        group_score = per_feature.reshape(2, -1).sum(1)  # 2 KV groups of 4 query heads x head_dim 8
+        assert mask.blocks[i].kv_heads.tolist() == [int(group_score.argmax())]
+    assert mask != compute_mask(peft, 0.5, method="magnitude", targets="both")
+    with pytest.raises(FedtuneError, match="needs calibration"):
+        Pruner(peft, method="activation")
+    pruner = Pruner(peft, method="activation", calibration=lambda: batches)
+    assert pruner.mask(0.5).blocks[0].mlp_channels.tolist() == mask.blocks[0].mlp_channels.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
 # Config and FedLLM
 
 
 def test_config_validation(tiny_config):
     cfg = tiny_config("pruning.rates=[0.5, 0.0, 0.25]", "pruning.targets=mlp")
-    assert cfg.pruning.rates == [0.5, 0.0, 0.25] and cfg.pruning.method == "magnitude"
+    assert cfg.pruning.rates == [0.5, 0.0, 0.25] and cfg.pruning.method == "activation"
     for override, message in [("pruning.rates=[0.95]", r"pruning.rates entries must be in \[0, 0.9\]"),
                               ("pruning.rates=[0.5, 0.1]", "pruning.rates has 2 entries but federation.num_clients = 3"),
-                              ("pruning.method=l1", "unknown pruning method 'l1'; valid choices: magnitude, random"),
+                              ("pruning.method=l1", "unknown pruning method 'l1'; valid choices: activation, magnitude, random"),
                               ("pruning.targets=rows", "pruning.targets")]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(override)

@@ -363,8 +363,12 @@ class PruningConfig(Section):
         "for every client or one per client; empty or 0 = no pruning. A client with rho > 0 trains LoRA on a copy of "
         "the base model keeping round((1 - rho) * n) MLP channels / KV head groups per block; the server averages "
         "each adapter coordinate over the clients that kept it.")
-    method: str = Field("magnitude", description="Importance score deciding what a client keeps: 'magnitude' (L2 norm "
-                        "of the weights reading and writing each channel / KV group) or 'random' (seeded baseline).")
+    method: str = Field("activation", description="Importance score deciding what a client keeps: 'activation' "
+                        "(Wanda-style: output-projection weight columns x input activation norms on "
+                        "calibration_samples training samples), 'magnitude' (L2 norm of the weights reading and writing "
+                        "each channel / KV group) or 'random' (seeded baseline).")
+    calibration_samples: int = Field(32, ge=1, description="Training samples (a seeded draw, the same for every "
+                                     "client) whose activations the 'activation' method measures, once per run.")
     targets: Literal["mlp", "heads", "both"] = Field(
         "both", description="What is pruned: MLP channels, attention heads (whole KV groups: a key/value head with its "
         "query heads), or both.")

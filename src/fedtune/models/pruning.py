@@ -17,9 +17,14 @@ What is pruned (per block, the same count in every block, chosen by each block's
 The hidden (residual) size, embeddings, norms and LM head are never pruned; their tensors are *shared* with the base
 model, not copied, so a pruned client costs only its smaller block weights.
 
-The importance score is a registry (:data:`PRUNING_METHODS`): ``magnitude`` (the L2 norm of every weight that reads
-or writes a channel / KV group; deterministic from the frozen base weights) and ``random`` (seeded baseline). Masks
-are therefore a function of (base weights, rate, method, targets, seed) and are recomputed rather than stored.
+The importance score is a registry (:data:`PRUNING_METHODS`): ``activation`` (Wanda-style: per input feature of
+``down_proj`` / ``o_proj``, the L1 norm of its weight column times the L2 norm of that feature's activations on a
+small calibration set, summed over the unit's features), ``magnitude`` (the L2 norm of every weight that reads or
+writes a channel / KV group) and ``random`` (seeded baseline). On SmolLM2-135M, weight magnitude alone is a poor
+guide: dropping 5 % of MLP channels by magnitude raises the eval loss from 3.21 to 8.49 (random: 3.30), while the
+activation score keeps it at 3.20 (30 %: 3.49). Masks are a function of (base weights, rate, method, targets, seed,
+calibration samples) and are recomputed rather than stored; activations are measured with the adapters disabled,
+so they depend on the frozen base only.
 
 Adapters: LoRA ``A`` (r x in) indexes a module's input features, ``B`` (out x r) its output features.
 :func:`slice_adapter` keeps the rows/columns a client kept (``A`` columns of ``down_proj``/``o_proj``, ``B`` rows of
@@ -33,10 +38,11 @@ in transformers 5; so the few lines that slice a weight are here, for ``nn.Linea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,20 +58,37 @@ TARGETS = ("mlp", "heads", "both")
 MAX_RATE = 0.9
 PEFT_PREFIX = "base_model.model."
 
-#: ``scorer(units, *, seed, layer, kind) -> scores``: ``units`` are weight views shaped ``(n_units, -1)`` (one per
-#: tensor touching the unit); higher score = more important. ``kind`` is ``"mlp"`` or ``"heads"``.
+#: ``scorer(units, *, seed, layer, kind, activations) -> scores``: ``units`` are weight views shaped ``(n_units, -1)``
+#: (one per tensor touching the unit; the last is the output projection's input columns, ``(n_units, F * d)``);
+#: ``activations`` is ``(n_units, F)``, the L2 norm of each of the unit's F input features of that projection on the
+#: calibration set (None without calibration); higher score = more important. ``kind`` is ``"mlp"`` or ``"heads"``.
 Scorer = Callable[..., torch.Tensor]
 PRUNING_METHODS: Registry[Scorer] = Registry("pruning method")
+#: Methods that need activation statistics (a calibration pass) before they can score.
+CALIBRATED_METHODS = {"activation"}
+
+
+@PRUNING_METHODS.register("activation")
+def activation_score(units: list[torch.Tensor], *, seed: int, layer: int, kind: str,
+                     activations: torch.Tensor | None = None) -> torch.Tensor:
+    """Wanda-style: sum over the unit's features f of ``||W_out[:, f]||_1 * ||X_f||_2``."""
+    if activations is None:
+        raise FedtuneError("pruning method 'activation' needs calibration activations (Pruner(calibration=...))")
+    n, features = activations.shape
+    column_l1 = units[-1].detach().float().reshape(n, features, -1).abs().sum(dim=-1)
+    return (column_l1 * activations.float()).sum(dim=1)
 
 
 @PRUNING_METHODS.register("magnitude")
-def magnitude_score(units: list[torch.Tensor], *, seed: int, layer: int, kind: str) -> torch.Tensor:
+def magnitude_score(units: list[torch.Tensor], *, seed: int, layer: int, kind: str,
+                    activations: torch.Tensor | None = None) -> torch.Tensor:
     """L2 norm over every weight of the unit (all the tensors that read or write it), in float32."""
     return torch.stack([u.detach().float().pow(2).sum(dim=1) for u in units]).sum(dim=0).sqrt()
 
 
 @PRUNING_METHODS.register("random")
-def random_score(units: list[torch.Tensor], *, seed: int, layer: int, kind: str) -> torch.Tensor:
+def random_score(units: list[torch.Tensor], *, seed: int, layer: int, kind: str,
+                 activations: torch.Tensor | None = None) -> torch.Tensor:
     """Seeded random scores (a uniform-pruning baseline): the same for a given (seed, layer, kind)."""
     from fedtune.engine.seeding import derive_seed
 
@@ -219,11 +242,13 @@ def _head_shape(model: nn.Module, block: nn.Module, layout: _Layout) -> tuple[in
 
 
 def compute_mask(model: nn.Module, rate: float, *, method: str = "magnitude", targets: str = "both",
-                 seed: int = 0) -> PruneMask:
+                 seed: int = 0, activations: list[dict[str, torch.Tensor]] | None = None) -> PruneMask:
     """The structured pruning mask of ``model`` (plain HF or PEFT-wrapped) at ``rate`` in [0, 0.9].
 
     Per block: ``kept_count(units, rate)`` units with the highest ``method`` score are kept, for MLP channels
-    and/or KV groups as ``targets`` says. Deterministic: the same inputs give the same mask.
+    and/or KV groups as ``targets`` says. ``activations``: per block ``{"mlp": [I], "attn": [H * head_dim]}`` input
+    feature norms of the MLP and attention output projections (:func:`activation_norms`), for calibrated methods.
+    Deterministic: the same inputs give the same mask.
     """
     if not 0.0 <= rate <= MAX_RATE:
         raise FedtuneError(f"pruning rate must be in [0, {MAX_RATE}], got {rate}")
@@ -242,18 +267,22 @@ def compute_mask(model: nn.Module, rate: float, *, method: str = "magnitude", ta
                                                                *layout.attn_qkv, layout.attn_out)}
         intermediate = weights[layout.mlp_out].shape[1]
         channels = group_heads = group_kv = None
+        acts = activations[i] if activations is not None else {}
         if rate > 0 and targets in ("mlp", "both"):
             units = [weights[n] for n in layout.mlp_in] + [weights[layout.mlp_out].t()]
-            channels = _top(scorer(units, seed=seed, layer=i, kind="mlp"), kept_count(intermediate, rate))
+            mlp_acts = acts["mlp"].reshape(intermediate, 1) if "mlp" in acts else None
+            channels = _top(scorer(units, seed=seed, layer=i, kind="mlp", activations=mlp_acts),
+                            kept_count(intermediate, rate))
         if rate > 0 and targets in ("heads", "both") and kv > 1:
-            group_kv, group_heads = _kv_groups(weights, layout, heads, kv, head_dim, scorer, seed, i, rate)
+            group_kv, group_heads = _kv_groups(weights, layout, heads, kv, head_dim, scorer, seed, i, rate,
+                                               acts.get("attn"))
         bm = BlockMask(intermediate, heads, kv, head_dim, channels, group_heads, group_kv)
         out_blocks.append(bm)
         modules.update(_module_masks(base, weights, layout, bm))
     return PruneMask(rate=rate, method=method, targets=targets, blocks=out_blocks, modules=modules)
 
 
-def _kv_groups(weights, layout, heads, kv, head_dim, scorer, seed, layer, rate):
+def _kv_groups(weights, layout, heads, kv, head_dim, scorer, seed, layer, rate, attn_acts=None):
     """Kept KV heads and their query heads (sorted), scored per KV group."""
     rep = heads // kv
     if layout.kind == "gpt2":
@@ -264,7 +293,8 @@ def _kv_groups(weights, layout, heads, kv, head_dim, scorer, seed, layer, rate):
         q, k, v = (weights[n] for n in layout.attn_qkv)
     o = weights[layout.attn_out].t()  # (H * hd, d): rows = the attention output features
     per_group = [q.reshape(kv, -1), k.reshape(kv, -1), v.reshape(kv, -1), o.reshape(kv, -1)]
-    keep = _top(scorer(per_group, seed=seed, layer=layer, kind="heads"), kept_count(kv, rate))
+    group_acts = attn_acts.reshape(kv, -1) if attn_acts is not None else None  # query heads are grouped by KV head
+    keep = _top(scorer(per_group, seed=seed, layer=layer, kind="heads", activations=group_acts), kept_count(kv, rate))
     if keep is None:
         return None, None
     query = (keep[:, None] * rep + torch.arange(rep)[None, :]).reshape(-1)
@@ -299,6 +329,48 @@ def _module_masks(base: str, weights: dict, layout: _Layout, bm: BlockMask) -> d
             masks[base + v_name] = ModuleMask(**shape(v_name), keep_out=kv_feat)
         masks[base + layout.attn_out] = ModuleMask(**shape(layout.attn_out), keep_in=q_feat)
     return masks
+
+
+@torch.no_grad()
+def activation_norms(model: nn.Module, batches) -> list[dict[str, torch.Tensor]]:
+    """Per block, the L2 norm over every calibration token of each input feature of the MLP output projection
+    (``"mlp"``: the MLP channels) and of the attention output projection (``"attn"``: heads x head_dim).
+
+    ``batches`` yields model inputs (``input_ids``, ``attention_mask``); padded positions are left out. A PEFT model
+    runs with its adapters disabled, so the statistics depend on the frozen base weights only.
+    """
+    plain = _plain_model(model)
+    _, blocks = _block_list(plain)
+    sums: list[dict[str, torch.Tensor]] = [{} for _ in blocks]
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(i: int, key: str):
+        def accumulate(module, inputs, output) -> None:
+            x = inputs[0].detach().float()[current["mask"]]  # (valid tokens, features)
+            total = x.pow(2).sum(dim=0).cpu()
+            sums[i][key] = sums[i][key] + total if key in sums[i] else total
+        return accumulate
+
+    handles = []
+    for i, block in enumerate(blocks):
+        layout = _layout(block)
+        handles.append(block.get_submodule(layout.mlp_out).register_forward_hook(hook(i, "mlp")))
+        handles.append(block.get_submodule(layout.attn_out).register_forward_hook(hook(i, "attn")))
+    disable = getattr(model, "disable_adapter", None)
+    was_training = model.training
+    model.eval()
+    try:
+        with disable() if disable is not None else contextlib.nullcontext():
+            for batch in batches:
+                current["mask"] = batch["attention_mask"].bool()
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not sums[0]:
+        raise FedtuneError("pruning calibration: no calibration batches")
+    return [{k: v.sqrt() for k, v in block.items()} for block in sums]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,17 +570,29 @@ class Pruner:
     ``model`` is the run's PEFT model (``ctx.model``); its frozen base weights are what is pruned.
     """
 
-    def __init__(self, model: "PeftModel", *, method: str = "magnitude", targets: str = "both", seed: int = 0) -> None:
+    def __init__(self, model: "PeftModel", *, method: str = "magnitude", targets: str = "both", seed: int = 0,
+                 calibration: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None) -> None:
+        """``calibration``: returns the calibration batches, for methods that score by activations (measured once,
+        the first time a mask is needed)."""
+        if method in CALIBRATED_METHODS and calibration is None:
+            raise FedtuneError(f"pruning method {method!r} needs calibration samples")
         self.model = model
         self.method, self.targets, self.seed = method, targets, seed
+        self.calibration = calibration
+        self._activations: list[dict[str, torch.Tensor]] | None = None
         self._masks: dict[float, PruneMask] = {}
         self._costs: dict[float, ModelCost] = {}
+
+    def activations(self) -> list[dict[str, torch.Tensor]] | None:
+        if self.method in CALIBRATED_METHODS and self._activations is None:
+            self._activations = activation_norms(self.model, self.calibration())
+        return self._activations
 
     def mask(self, rate: float) -> PruneMask:
         rate = float(rate)
         if rate not in self._masks:
             self._masks[rate] = compute_mask(self.model, rate, method=self.method, targets=self.targets,
-                                             seed=self.seed)
+                                             seed=self.seed, activations=self.activations() if rate > 0 else None)
         return self._masks[rate]
 
     def build(self, rate: float) -> "PeftModel":

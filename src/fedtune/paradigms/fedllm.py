@@ -11,14 +11,15 @@ clients that kept it (:func:`fedtune.federated.masked.masked_fedavg`), then appl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 import torch
 
 from fedtune.comm.messages import Message
 from fedtune.engine.client_data import SampleStream
-from fedtune.engine.seeding import seed_torch
+from fedtune.data.formatting import collate
+from fedtune.engine.seeding import numpy_rng, seed_torch
 from fedtune.engine.training import all_finite, make_optimizer, train_steps
 from fedtune.errors import FedtuneError
 from fedtune.federated.masked import masked_fedavg
@@ -42,8 +43,21 @@ class FedLLM(Paradigm):
         self.strategy = STRATEGIES.get(cfg.federation.strategy)(cfg.federation)
         self.global_state = adapter_state(ctx.model)
         self.streams = [SampleStream(part, cfg.seed, cid) for cid, part in enumerate(ctx.partitions)]
-        self.pruner = Pruner(ctx.model, method=cfg.pruning.method, targets=cfg.pruning.targets, seed=cfg.seed)
+        self.pruner = Pruner(ctx.model, method=cfg.pruning.method, targets=cfg.pruning.targets, seed=cfg.seed,
+                             calibration=self._calibration_batches)
         self.pruning_history: dict[int, list[list[float]]] = {}  # client -> [[round, rate], ...] (rounds with pruning)
+
+    def _calibration_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The pruning calibration set: ``pruning.calibration_samples`` training samples drawn with the run's seed."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        n = len(ctx.train_samples)
+        rows = numpy_rng(cfg.seed, "pruning-calibration").choice(n, size=min(cfg.pruning.calibration_samples, n),
+                                                                 replace=False)
+        samples = [ctx.train_samples[int(i)] for i in sorted(rows)]
+        size = cfg.eval.batch_size
+        for start in range(0, len(samples), size):
+            batch = collate(samples[start : start + size], ctx.pad_token_id)
+            yield {k: batch[k].to(ctx.device) for k in ("input_ids", "attention_mask")}
 
     def pruning_rate(self, round: int, cid: int) -> float:
         """rho of client ``cid`` in ``round``: from ``ctx.pruning_rates(round)`` (a planner) when it gives rates,
