@@ -1,6 +1,6 @@
-"""Ray backend: same results as in-process (FedLLM, KD, standard and U-shape split), lost client turns (killed /
-frozen workers), the quorum stop and its resume, a lost split server and its resume, and a two-node loopback
-cluster with token authentication.
+"""Ray backend: same results as in-process (FedLLM, KD, standard and U-shape split, with SplitCom too), lost client
+turns (killed / frozen workers), the quorum stop and its resume, a lost split server and its resume (with SplitCom:
+exact), and a two-node loopback cluster with token authentication.
 
 Ray talks to loopback only: the single-node instance runs on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), the
 cluster test starts a head on 127.0.0.2 and a worker node on 127.0.0.3 itself and stops them by process id.
@@ -41,6 +41,11 @@ KD = ("paradigm=kd", "kd.public_samples=16", "kd.distill_steps=1")
 SPLIT = ("paradigm=split", "split.cut=2", "train.local_steps=3")
 COMPARED = ("round", "train_loss", "eval_loss", "uplink_bytes", "downlink_bytes", "cum_uplink_bytes",
             "cum_downlink_bytes", "client_flops", "clients")
+# SplitCom with reuse from the second round on (most clients start a second epoch of their data there)
+SPLITCOM = (*SPLIT, "data.max_train_samples=72", "compression.method=splitcom")
+USHAPE = ("split.ushape=true", "split.server_adapter=per_client")
+DDPG_INT8 = ("compression.controller=ddpg", "compression.theta_min=0.5", "compression.theta_max=0.9",
+             "compression.codec=int8", "compression.residual=true")
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +83,28 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_run(a: Path, b: Path) -> None:
+def _assert_close(a, b, where: str) -> None:
+    """``b`` equals ``a``: floats to 1e-5, anything else exactly, through dicts and lists."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), where
+    else:
+        assert b == a, where
+
+
+def _assert_same_run(a: Path, b: Path, compared: tuple[str, ...] = COMPARED) -> None:
     ma, mb = _metrics(a), _metrics(b)
     assert len(ma) == len(mb)
     for ra, rb in zip(ma, mb):
-        for key in COMPARED:
-            if isinstance(ra[key], float):
-                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["round"], key)
-            else:
-                assert rb[key] == ra[key], (ra["round"], key)
+        for key in compared:
+            _assert_close(ra.get(key), rb.get(key), f"round {ra['round']}: {key}")
     wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
     for key in wa:
@@ -244,9 +262,54 @@ def test_split_lost_client_worker_and_lost_server_worker(ray_local, tmp_path, mo
     assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
 
 
-def test_split_on_ray_refuses_compression():
-    with pytest.raises(ConfigError, match="without compression"):
-        load_config(TINY, [*SPLIT, *RAY, "compression.method=splitcom"])
+def _assert_same_splitcom_run(a: Path, b: Path) -> None:
+    """Metrics (with each round's thresholds and upload ratios), adapters, and the summaries' byte counts,
+    reductions, upload ratios and threshold trajectories per interface."""
+    _assert_same_run(a, b, (*COMPARED, "thresholds", "upload_ratio"))
+    sa, sb = (json.loads((out / "summary.json").read_text()) for out in (a, b))
+    _assert_close(sa["comm"], sb["comm"], "comm")
+    _assert_close(sa["compression"], sb["compression"], "compression")
+
+
+@pytest.fixture(scope="module")
+def splitcom_ushape_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inprocess") / "splitcom-ushape"
+    _run(out, *SPLITCOM, *USHAPE, *DDPG_INT8)
+    return out
+
+
+@pytest.mark.parametrize("shape", ["standard", "ushape"])
+def test_splitcom_on_ray_equals_inprocess(ray_local, splitcom_ushape_reference, tmp_path, shape):
+    """Standard split with the fixed controller (and a receiver cache that spills to the worker's disk); U-shape
+    with DDPG, int8 and residuals on all four interfaces. The client's caches travel with its sessions, the
+    server's stay on its worker, the thresholds come from the driver."""
+    args, reference = (*SPLITCOM, *USHAPE, *DDPG_INT8), splitcom_ushape_reference
+    if shape == "standard":
+        args, reference = (*SPLITCOM, "compression.theta=0.9", "compression.cache_budget_mb=0.01"), tmp_path / "ref"
+        _run(reference, *args)
+    summary = _run(tmp_path / "ray", *args, *RAY)
+    _assert_same_splitcom_run(reference, tmp_path / "ray")
+    assert all(c["upload_ratio"] < 1.0 for c in summary["compression"].values() if c["reuse"])  # samples reused
+
+
+def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, splitcom_ushape_reference, tmp_path,
+                                                            monkeypatch):
+    """The server's worker dies in round 2: the run stops at a checkpoint of round 1 written then (checkpoint.every
+    = 2), with every cache as of round 1 and the DDPG controllers rolled back; the resumed run loads the server's
+    caches into a new server worker and ends as the uninterrupted one."""
+    def kill_server(backend, job, worker):
+        if (job.round, job.client) == (2, 1):
+            ray.kill(backend._server.actor, no_restart=True)
+
+    monkeypatch.setattr(RayBackend, "on_dispatch", kill_server)
+    out = tmp_path / "splitcom"
+    args = (*SPLITCOM, *USHAPE, *DDPG_INT8, *RAY, "checkpoint.every=2")
+    with pytest.raises(ServerLostError, match="round 2"):
+        _run(out, *args)
+    assert (out / "checkpoints" / "latest").read_text() == "round-000001"
+    monkeypatch.setattr(RayBackend, "on_dispatch", None)
+    _run(out, *args, resume=True)
+    _assert_same_splitcom_run(splitcom_ushape_reference, out)
 
 
 def test_kd_on_ray_equals_inprocess(ray_local, tmp_path):

@@ -80,6 +80,46 @@ def test_client_and_server_agree_on_what_was_last_sent(tmp_path, codec, residual
             assert torch.equal(iface.sender.held.get((0, sid)), iface.receiver.store.get((0, sid)))
 
 
+def _same_caches(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n][k], b[n][k]) for n in a for k in ("keys", "lengths", "data"))
+
+
+def test_a_sides_caches_travel_by_client_and_a_lost_sessions_go_back(tmp_path, tiny_config):
+    """What the Ray backend ships: one side's cache entries of one client (of some samples), loaded into another
+    copy of the channels, merged back, or restored after a lost session."""
+    from fedtune.compression.channels import SplitChannels
+
+    cfg = tiny_config("paradigm=split", "split.ushape=true", "compression.method='splitcom'", "compression.residual=true")
+    ch, other = (SplitChannels(cfg, D, True, tmp_path / n) for n in ("a", "b"))
+    x, mask = _batch()
+
+    def session(client: int, shift: float) -> None:
+        for name in ("activations", "body_output"):  # one each way
+            ch[name].receive(client, ch[name].send(client, [1, 2, 3], x + shift, mask, {}, 0.9, 0)[0], mask)
+
+    session(0, 0.0)
+    session(1, 0.0)
+    client0 = ch.export_caches("client", 0)
+    def stores(sends: tuple[str, str], receives: tuple[str, str]) -> set[str]:
+        return {f"{n}.{s}" for n in sends for s in ("projections", "held")} | {f"{n}.received" for n in receives}
+
+    assert set(client0) == stores(("activations", "tail_gradients"), ("body_output", "gradients"))
+    assert set(ch.export_caches("server")) == stores(("body_output", "gradients"), ("activations", "tail_gradients"))
+    assert ch.export_caches("client", 0, {2})["activations.held"]["keys"].tolist() == [[0, 2]]
+    other.load_caches("client", client0)  # a worker's copy holds one client's
+    assert _same_caches(other.export_caches("client"), client0)
+    other.update_caches("client", ch.export_caches("client", 1))  # the driver merges a session's entries
+    assert _same_caches(other.export_caches("client"), ch.export_caches("client"))
+
+    server0 = ch.export_caches("server", 0)
+    session(0, 1.0)  # changes client 0's entries on both sides; then the session is lost
+    assert not _same_caches(ch.export_caches("server", 0), server0)
+    server1 = ch.export_caches("server", 1)
+    ch.load_caches("server", server0, client=0)
+    assert _same_caches(ch.export_caches("server", 0), server0)
+    assert _same_caches(ch.export_caches("server", 1), server1)
+
+
 def test_int8_codec_is_close_and_four_times_smaller():
     x = torch.randn(40, 64)
     codec = CODECS.get("int8")()

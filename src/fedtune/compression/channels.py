@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from fedtune.comm.ledger import DOWN, UP, Ledger
 from fedtune.compression.controllers import ControllerSettings, SessionObservation, make_controller
 from fedtune.compression.interfaces import Interface, InterfaceSettings
+from fedtune.compression.store import TensorStore
 from fedtune.engine.seeding import derive_seed
 
 #: interface -> (tensor field, direction, sender side)
@@ -52,9 +54,6 @@ class SplitChannels:
     def __getitem__(self, name: str) -> Interface:
         return self.ifaces[name]
 
-    def theta(self, name: str) -> float:
-        return self.thetas.get(name, 1.0)
-
     def start_session(self) -> None:
         self.thetas = {name: ctrl.start_session() for name, ctrl in self.controllers.items()}
         self._counts_at_start = {n: (i.counts.sent, i.counts.total) for n, i in self.ifaces.items()}
@@ -72,9 +71,62 @@ class SplitChannels:
                 progress=progress))
             self.trajectory[name].append([round, client, self.thetas[name]])
 
+    def count(self, sends: list[tuple[str, int, int, int]]) -> None:
+        """Add the reuse counts of messages sent by a side that ran in a worker's copy of the channels."""
+        for name, sent, total, epoch in sends:
+            self.ifaces[name].counts.add(sent, total, epoch)
+
     def observe_eval(self, eval_ppl: float) -> None:
         for ctrl in self.controllers.values():
             ctrl.observe_eval(eval_ppl)
+
+    # -- the reuse caches of one side (a client's travel with it on Ray; the server's stay on its worker) ------
+    def _stores(self, side: str) -> dict[str, TensorStore]:
+        """The stores ``side`` ("client" or "server") keeps: its senders' where it sends, its receivers' where
+        it receives."""
+        out = {}
+        for name, iface in self.ifaces.items():
+            if iface.sender is None:
+                continue
+            if INTERFACES[name][2] == side:
+                out[f"{name}.projections"] = iface.sender.projections
+                if iface.sender.held is not None:
+                    out[f"{name}.held"] = iface.sender.held
+            else:
+                out[f"{name}.received"] = iface.receiver.store
+        return out
+
+    def export_caches(self, side: str, client: int | None = None, samples: set[int] | None = None) -> dict:
+        """``side``'s cache entries (of ``client``, of its ``samples``, when given) as store states."""
+        def wanted(key: tuple) -> bool:
+            return (client is None or key[0] == client) and (samples is None or key[1] in samples)
+
+        return {name: store.state_dict(wanted) for name, store in self._stores(side).items()}
+
+    def update_caches(self, side: str, caches: dict) -> None:
+        """Put the entries of ``caches`` (from :meth:`export_caches`) in ``side``'s stores."""
+        for name, store in self._stores(side).items():
+            store.update(caches[name])
+
+    def load_caches(self, side: str, caches: dict, client: int | None = None) -> None:
+        """Replace ``side``'s cache entries (``client``'s only, when given) with those of ``caches``."""
+        for store in self._stores(side).values():
+            store.discard(lambda key: client is None or key[0] == client)
+        self.update_caches(side, caches)
+
+    # -- state --------------------------------------------------------------------------------
+    def round_state(self) -> dict:
+        """A copy of everything but the caches (controllers, counts, trajectories), to undo a failed round."""
+        return copy.deepcopy({"controllers": {n: c.state_dict() for n, c in self.controllers.items()},
+                              "counts": {n: i.counts for n, i in self.ifaces.items()},
+                              "trajectory": self.trajectory})
+
+    def load_round_state(self, state: dict) -> None:
+        for name, ctrl in self.controllers.items():
+            ctrl.load_state_dict(state["controllers"][name])
+        for name, iface in self.ifaces.items():
+            iface.counts = state["counts"][name]
+        self.trajectory = state["trajectory"]
 
     def state_dict(self) -> dict:
         return {"ifaces": {n: i.state_dict() for n, i in self.ifaces.items()},

@@ -11,7 +11,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -182,6 +182,12 @@ class TensorStore:
         self._capacity = capacity
         self._map = np.memmap(self._path, dtype=self._np_word, mode="r+", shape=(capacity, self._dim))
 
+    def discard(self, where: Callable[[Key], bool]) -> None:
+        """Remove the entries whose key satisfies ``where``."""
+        for key in [k for k in self._entries if where(k)]:
+            self._drop(key)
+            del self._entries[key]
+
     # --- lifecycle -------------------------------------------------------------------------------
     def clear(self) -> None:
         """Drop every entry; the spill file (if any) is emptied but kept for reuse."""
@@ -207,9 +213,10 @@ class TensorStore:
         self.close()
 
     # --- checkpointing ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """``keys`` (N, k) int64, ``lengths`` (N,) int64, ``data`` (sum of lengths, d) in the dtype."""
-        keys = self.keys()
+    def state_dict(self, where: Callable[[Key], bool] | None = None) -> dict[str, Any]:
+        """``keys`` (N, k) int64, ``lengths`` (N,) int64, ``data`` (sum of lengths, d) in the dtype; only the
+        entries whose key satisfies ``where`` if given (in insertion order either way)."""
+        keys = [k for k in self.keys() if where is None or where(k)]
         d = self._dim or 0
         return {
             "keys": torch.tensor(keys, dtype=torch.int64).reshape(len(keys), self._arity or 0),
@@ -220,6 +227,10 @@ class TensorStore:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the contents with ``state``'s entries, re-applying the memory budget in order."""
         self.clear()
+        self.update(state)
+
+    def update(self, state: dict[str, Any]) -> None:
+        """Put ``state``'s entries (a :meth:`state_dict`), keeping the others."""
         keys, lengths, data = state["keys"], state["lengths"], state["data"]
         start = 0
         for key, n in zip(keys.tolist(), lengths.tolist()):

@@ -30,7 +30,7 @@ from fedtune.compression.channels import SplitChannels
 from fedtune.engine.client_data import SampleStream
 from fedtune.engine.evaluation import evaluate
 from fedtune.engine.seeding import numpy_rng
-from fedtune.errors import ClientQuorumError, ConfigError
+from fedtune.errors import ClientQuorumError, ConfigError, RoundAbortedError
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state
@@ -66,6 +66,7 @@ class Session:
     failure: str | None = None
     stream: dict | None = None  # the client's stream position after the session
     lost: str | None = None  # why the session was lost (a Ray worker died or was late)
+    caches: dict | None = None  # sides run in a worker's copy: their touched reuse-cache entries, by side
 
 
 @PARADIGMS.register("split")
@@ -180,11 +181,11 @@ class SplitFed(Paradigm):
         """The client's half of a session from its job (downloaded blocks, stream position, cut, steps)."""
         stream = replace(self.streams[job.client], **job.state["stream"])
         return ClientSide(self, job.round, job.client, Cut(job.state["cut"], self.tail), job.download.tensors,
-                          stream, job.state["steps"])
+                          stream, job.state["steps"], job.state["thetas"])
 
-    def server_side(self, round: int, cid: int, cut: int, body: TensorDict) -> ServerSide:
+    def server_side(self, round: int, cid: int, cut: int, body: TensorDict, thetas: dict[str, float]) -> ServerSide:
         """The server's half of a session: ``body`` holds the weights its blocks start from."""
-        return ServerSide(self, round, cid, Cut(cut, self.tail), body)
+        return ServerSide(self, round, cid, Cut(cut, self.tail), body, thetas)
 
     # -- one client's round -------------------------------------------------------------------
     def _session(self, round: int, cid: int, server_body: TensorDict) -> Session:
@@ -192,15 +193,16 @@ class SplitFed(Paradigm):
         cut = Cut(self.cuts[cid], self.tail)
         client_keys, body_keys = self._keys(set(cut.client_blocks(L))), self._keys(set(cut.body(L)))
         steps = local_steps(cfg, len(self.streams[cid].indices))
+        self.channels.start_session()
         job = ClientJob(round, cid, Message("client_adapter", {k: self.global_state[k] for k in client_keys}),
-                        {"stream": self.streams[cid].state_dict(), "cut": cut.head, "steps": steps})
+                        {"stream": self.streams[cid].state_dict(), "cut": cut.head, "steps": steps,
+                         "thetas": dict(self.channels.thetas)})
         body = {k: server_body.get(k, self.global_state[k]) for k in body_keys}
         losses, client_flops, server_flops, failure = [], 0, 0, None
         client = server = None
         try:
             client, server = backend_of(ctx).split_session(self, job, body)
             ctx.progress.start_steps(f"round {round} client {cid} (cut {cut.head})", steps)
-            self.channels.start_session()
             for _ in range(steps):
                 up, info = client.forward()
                 if not cut.tail:
@@ -223,27 +225,38 @@ class SplitFed(Paradigm):
                 if cut.tail:
                     client_flops += train_flops(ctx.cost, tokens, seq, blocks=range(L - cut.tail, L), head=True)
                 server_flops += train_flops(ctx.cost, tokens, seq, blocks=cut.body(L), head=not cut.tail)
-            progress = (round - 1 + (self._sessions_done + 1) / cfg.federation.sampled) / cfg.federation.rounds
-            self._sessions_done += 1
-            self.channels.end_session(round, cid, sum(losses) / len(losses) if losses else float("inf"), progress,
-                                      ctx.ledger)
             mean_loss = sum(losses) / len(losses) if losses else float("nan")
-            up, client_memory, stream, client_sends = client.finish(failure, mean_loss)
-            body_state, server_memory, server_sends = server.finish()
+            up, client_memory, stream, client_report = client.finish(failure, mean_loss)
+            body_state, server_memory, server_report = server.finish()
         except ClientLost as exc:  # a Ray worker died or was late: this client's turn is lost, the round goes on
             if server is not None:
-                server.abort()
+                server.abort(lost=True)
             return Session(None, None, float("nan"), 0, 0, 0, 0, lost=str(exc))
-        for name, n, epoch in client_sends + server_sends:  # sides that counted in a worker's copy of the channels
-            self.channels[name].counts.add(n, n, epoch)
+        caches = {}
+        for side, report in (("client", client_report), ("server", server_report)):
+            if report is not None:  # the side ran in a worker's copy: count now, merge its caches with the round
+                self.channels.count(report.sends)
+                caches[side] = report.caches
+        progress = (round - 1 + (self._sessions_done + 1) / cfg.federation.sampled) / cfg.federation.rounds
+        self._sessions_done += 1
+        self.channels.end_session(round, cid, sum(losses) / len(losses) if losses else float("inf"), progress,
+                                  ctx.ledger)
         stats = dict(client_flops=client_flops, server_flops=server_flops, client_memory=client_memory,
-                     server_memory=server_memory)
+                     server_memory=server_memory, stream=stream, caches=caches)
         if up.kind == "client_failure":
-            return Session(None, None, mean_loss, failure=up.meta["reason"], stream=stream, **stats)
-        return Session(up.tensors, body_state, mean_loss, stream=stream, **stats)
+            return Session(None, None, mean_loss, failure=up.meta["reason"], **stats)
+        return Session(up.tensors, body_state, mean_loss, **stats)
 
     # -- the round ----------------------------------------------------------------------------
     def run_round(self, round: int) -> RoundResult:
+        saved = self.channels.round_state()
+        try:
+            return self._round(round)
+        except RoundAbortedError:  # the run stops at the last complete round: leave the channels as they were
+            self.channels.load_round_state(saved)
+            raise
+
+    def _round(self, round: int) -> RoundResult:
         cfg, L = self.ctx.cfg, self.split.num_layers
         shared = cfg.split.server_adapter == "shared"
         clients = sample_clients(cfg, round)
@@ -252,6 +265,7 @@ class SplitFed(Paradigm):
         server_body: TensorDict = {}  # V2: the shared body adapter as it evolves through the round
         sessions: dict[int, Session] = {}
         streams: dict[int, dict] = {}  # applied once the round completes
+        caches: dict[int, dict] = {}  # (sides run in workers' copies) likewise
         lost: dict[int, str] = {}
 
         def take(cid: int, session: Session) -> None:
@@ -260,6 +274,7 @@ class SplitFed(Paradigm):
                 return
             lost.pop(cid, None)
             streams[cid] = session.stream
+            caches[cid] = session.caches
             out.client_flops[cid] = session.client_flops
             out.client_peak_memory[cid] = session.client_memory
             out.server_flops += session.server_flops
@@ -289,6 +304,9 @@ class SplitFed(Paradigm):
         out.rejected[:0] = [{"client": c, "reason": r, "lost": True} for c, r in sorted(lost.items())]
         for cid, state in streams.items():
             self.streams[cid].load_state_dict(state)
+        for by_side in caches.values():
+            for side, state in by_side.items():
+                self.channels.update_caches(side, state)
         if sessions:
             self._aggregate(sessions, server_body if shared else None)
             total = sum(len(self.streams[c].indices) for c in sessions)

@@ -29,6 +29,6 @@ class InProcessBackend(Backend):
         transport = self.ctx.transport
         down = transport.download(job.download, round=job.round, client=job.client)
         client = paradigm.client_side(replace(job, download=down))
-        server = paradigm.server_side(job.round, job.client, job.state["cut"], body)
+        server = paradigm.server_side(job.round, job.client, job.state["cut"], body, job.state["thetas"])
         return (LocalClient(client, transport, job.round, job.client),
                 LocalServer(server, transport, job.round, job.client))

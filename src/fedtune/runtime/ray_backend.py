@@ -8,6 +8,13 @@ most the clients sampled per round.
 Messages still cross the driver's transport: the driver encodes (and records) each download and ships the bytes;
 the worker returns its upload as bytes, which the driver records and decodes.
 
+SplitCom in split learning: each session's thresholds come from the driver's controllers. A client's reuse caches
+travel with its session (shipped in, the entries it touched handed back, like its stream position: simulation
+bookkeeping, not messages); the server's stay on the server's worker between sessions. The driver merges both
+sides' touched entries into its own channels when a round completes, so its checkpoints hold every cache as of the
+last complete round; a new server worker (a resumed run) is loaded from there, and so are a lost session's server
+entries, so its retry starts where it did.
+
 Faults: a call whose worker dies (killed, out of memory, node lost) or that runs past ``runtime.client_timeout_s``
 loses that client's turn; the worker is replaced (a timed-out one killed first). The round goes on with the other
 clients if at least ``federation.min_clients`` replied; otherwise the lost turns are retried on fresh workers up to
@@ -33,11 +40,14 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from fedtune.comm.ledger import DOWN, UP
 from fedtune.errors import ClientQuorumError, ConfigError, FedtuneError, ServerLostError
 from fedtune.runtime.base import BACKENDS, Backend, ClientJob, ClientLost, ClientReply, RoundReplies
+
+if TYPE_CHECKING:
+    from fedtune.compression.channels import SplitChannels
 
 LOOPBACK = "127.0.0.1"
 #: Environment variables a worker inherits from the driver when they are set there.
@@ -171,16 +181,12 @@ class RayBackend(Backend):
         if paradigm.federated and not (hasattr(paradigm, "run_client") or hasattr(paradigm, "server_side")):
             raise ValueError(f"runtime.backend = 'ray' is not yet supported for paradigm {cfg.paradigm!r}; "
                              "use runtime.backend = 'inprocess'")
-        if hasattr(paradigm, "server_side") and (cfg.compression.method != "none" or cfg.compression.codec != "none"):
-            raise ValueError("runtime.backend = 'ray' runs split learning without compression for now (SplitCom's "
-                             "sender and receiver caches would have to live on the two sides' workers); use "
-                             "compression.method = 'none' and compression.codec = 'none', or runtime.backend = "
-                             "'inprocess'")
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self._slots: list[_Slot] = []
         self._server: _Slot | None = None  # split learning: the server's worker
+        self._server_synced = False  # whether the server's worker holds the driver's server-side reuse caches
         self._owns_ray = False
         self._actor_cls = None
         self.lost_turns = 0
@@ -280,6 +286,7 @@ class RayBackend(Backend):
             slots = [self._spawn(i) for i in [*range(size), *([-1] if self._split else [])]]
         self._slots = [s for s in slots if s.index >= 0]
         self._server = next((s for s in slots if s.index < 0), None)
+        self._server_synced = False
         refs = [s.ready_ref for s in slots]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=rt.start_timeout_s)
         if len(ready) < len(refs):
@@ -512,16 +519,21 @@ class RayBackend(Backend):
         self._start()
         if self._server is None or self._server.state == "dead":
             raise ServerLostError(f"round {job.round}: the split server's Ray worker is lost", job.round)
+        channels = paradigm.channels
+        if not self._server_synced:  # a fresh (or parked) server worker: it gets the driver's caches (resume)
+            self._call(self._server, "split_server_load_caches", channels.export_caches("server"), round=job.round)
+            self._server_synced = True
         slot = self._idle_slot()
         data = self.ctx.transport.send(job.download, round=job.round, client=job.client, direction=DOWN)
         baton: dict = {"rng": None}  # the generator state, handed from side to side with the messages
         client = _RayClient(self, slot, job.round, job.client, baton)
-        server = _RayServer(self, self._server, job.round, job.client, baton)
+        server = _RayServer(self, self._server, job.round, job.client, baton, channels, client)
         slot.state = "busy"
-        baton["rng"] = client.call("split_client_begin", job.round, job.client, data, job.state)
+        baton["rng"] = client.call("split_client_begin", job.round, job.client, data, job.state,
+                                   channels.export_caches("client", job.client))
         if self.on_dispatch is not None:
             type(self).on_dispatch(self, job, slot)
-        server.call("split_server_begin", job.round, job.client, job.state["cut"], body)
+        server.call("split_server_begin", job.round, job.client, job.state["cut"], body, job.state["thetas"])
         return client, server
 
 
@@ -555,20 +567,37 @@ class _RayClient:
     def abort(self) -> None:
         self.call("split_client_abort")
 
-    def finish(self, failure: str | None, mean_loss: float):
-        data, memory, stream, sends = self.call("split_client_finish", failure, mean_loss)
+    def release(self) -> None:
+        """Free the worker of a session that cannot go on (the server's worker was lost), for the next run."""
+        if self.b._slots[self.slot.index] is not self.slot:  # this worker was lost already (and replaced)
+            return
+        try:
+            self.abort()
+        except ClientLost:  # it is lost now
+            return
         self.slot.state = "idle"
-        return self._up(data, None), memory, stream, sends
+
+    def finish(self, failure: str | None, mean_loss: float):
+        data, memory, stream, report = self.call("split_client_finish", failure, mean_loss)
+        self.slot.state = "idle"
+        return self._up(data, None), memory, stream, report
 
 
 class _RayServer:
-    """The driver's end of the server worker's half of a session."""
+    """The driver's end of the server worker's half of a session (if the worker is lost, the client's is freed)."""
 
-    def __init__(self, backend: RayBackend, slot: _Slot, round: int, cid: int, baton: dict) -> None:
+    def __init__(self, backend: RayBackend, slot: _Slot, round: int, cid: int, baton: dict, channels: SplitChannels,
+                 client: _RayClient) -> None:
         self.b, self.slot, self.round, self.cid, self.baton = backend, slot, round, cid, baton
+        self.channels = channels  # the driver's: its caches are those of the last complete round
+        self.client = client
 
     def call(self, method: str, *args) -> Any:
-        return self.b._call(self.slot, method, *args, round=self.round)
+        try:
+            return self.b._call(self.slot, method, *args, round=self.round)
+        except ServerLostError:
+            self.client.release()
+            raise
 
     def _down(self, data: bytes, baseline: int | None) -> bytes:
         self.b.ctx.transport.receive(data, round=self.round, client=self.cid, direction=DOWN, baseline_bytes=baseline)
@@ -587,8 +616,12 @@ class _RayServer:
     def backward(self, tail_grads: bytes) -> bytes:
         return self._down(*self.call("split_server_backward", tail_grads))
 
-    def abort(self) -> None:
+    def abort(self, lost: bool = False) -> None:
+        """Drop the pending step; a lost session also resets this client's server caches to the driver's (its
+        session in this round has not been merged there), so a retry starts from where this one did."""
         self.call("split_server_abort")
+        if lost:
+            self.call("split_server_load_caches", self.channels.export_caches("server", self.cid), self.cid)
 
     def finish(self):
         return self.call("split_server_finish")

@@ -7,7 +7,10 @@ returns the upload as wire bytes plus the new state, so a result does not depend
 A worker process can serve later runs too: :meth:`RunWorker.prepare` rebuilds its copy only when the
 configuration changes. In split learning a worker runs one side of a session at a time (the client's, or the
 server's on the server worker), keeping that side's autograd graph between calls; the random generator's state
-travels with the calls (see :mod:`fedtune.split.session`). This module does not import Ray;
+travels with the calls (see :mod:`fedtune.split.session`). SplitCom's reuse caches: a client worker loads the
+client's with its session and hands back what the session touched; the server worker keeps the server's between
+sessions (loaded by the driver when the worker starts, and a client's reset when its session is lost). Their
+spill files go to this worker's own temporary directory. This module does not import Ray;
 :mod:`fedtune.runtime.ray_backend` makes the actors.
 """
 
@@ -18,11 +21,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedtune.comm.messages import Message, decode, encode
 from fedtune.runtime.base import ClientJob
+
+if TYPE_CHECKING:
+    from fedtune.split.session import WorkerReport
 
 
 def _copy_key(data: dict) -> str:
@@ -92,8 +99,10 @@ class RunWorker:
 
         set_rng_state(state, self.ctx.device)
 
-    def split_client_begin(self, round: int, client: int, download: bytes, state: dict) -> dict:
-        """Start a client's session (its blocks, stream, optimizer; seeds the generator); returns the generator."""
+    def split_client_begin(self, round: int, client: int, download: bytes, state: dict, caches: dict) -> dict:
+        """Start a client's session (its blocks, stream, reuse caches, optimizer; seeds the generator); returns
+        the generator."""
+        self.paradigm.channels.load_caches("client", caches)
         self.client_side = self.paradigm.client_side(ClientJob(round, client, decode(download), state))
         return self._rng()
 
@@ -116,13 +125,17 @@ class RunWorker:
         if getattr(self, "client_side", None) is not None:
             self.client_side.abort()
 
-    def split_client_finish(self, failure: str | None, mean_loss: float) -> tuple[bytes, int, dict, list]:
+    def split_client_finish(self, failure: str | None, mean_loss: float) -> tuple[bytes, int, dict, WorkerReport]:
         side, self.client_side = self.client_side, None
         message, memory, stream = side.finish(failure, mean_loss)
-        return encode(message), memory, stream, side.sends
+        return encode(message), memory, stream, side.report()
 
-    def split_server_begin(self, round: int, client: int, cut: int, body: dict) -> None:
-        self.server_side = self.paradigm.server_side(round, client, cut, body)
+    def split_server_load_caches(self, caches: dict, client: int | None = None) -> None:
+        """Replace the server's reuse caches (one client's, when given) with the driver's."""
+        self.paradigm.channels.load_caches("server", caches, client)
+
+    def split_server_begin(self, round: int, client: int, cut: int, body: dict, thetas: dict) -> None:
+        self.server_side = self.paradigm.server_side(round, client, cut, body, thetas)
 
     def split_server_step(self, up: bytes, rows: list, epoch: int, rng: dict) -> tuple:
         self._set_rng(rng)
@@ -144,10 +157,10 @@ class RunWorker:
         if getattr(self, "server_side", None) is not None:
             self.server_side.abort()
 
-    def split_server_finish(self) -> tuple[dict, int, list]:
+    def split_server_finish(self) -> tuple[dict, int, WorkerReport]:
         side, self.server_side = self.server_side, None
         state, memory = side.finish()
-        return state, memory, side.sends
+        return state, memory, side.report()
 
 
 def _baseline_bytes(message: Message, baseline: Message | None) -> int | None:

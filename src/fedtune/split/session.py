@@ -11,11 +11,15 @@ down -> ``client.tail`` (tail, head, loss, backward) -> tail gradients up -> ``s
 gradients down -> ``client.backward``. Every message crosses the run's transport; the driver only relays. The order
 of forward passes (which is the order of dropout draws) is the same in process and on Ray, where the random
 generator's state is handed from side to side with the messages (:func:`rng_state`), so both give one result.
+
+Compression: each side sends with the thresholds the driver's controllers chose for the session, through its copy
+of the paradigm's channels. In process those are the driver's own; a side run in a worker's copy hands back a
+:class:`WorkerReport` (its reuse counts, the cache entries it touched) for the driver's channels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,28 +68,46 @@ class _Pending:
     tail_input: torch.Tensor | None = None
 
 
+@dataclass
+class WorkerReport:
+    """What a side that ran in a worker's copy of the paradigm hands back for the driver's channels."""
+
+    sends: list[tuple[str, int, int, int]]  # (interface, samples sent, samples offered, epoch) per message
+    caches: dict  # the side's reuse-cache entries of the samples the session touched (``export_caches``)
+
+
 class _Side:
-    def __init__(self, p, cid: int) -> None:
-        self.p, self.cid = p, cid
+    side = ""  # "client" or "server"
+
+    def __init__(self, p, cid: int, thetas: dict[str, float]) -> None:
+        self.p, self.cid, self.thetas = p, cid, thetas
         self.ctx = p.ctx
         self.device = p.ctx.device
         self.L = p.split.num_layers
-        #: (interface, samples, epoch) of every message this side sent, for a driver that keeps the counts
-        self.sends: list[tuple[str, int, int]] = []
+        self.sends: list[tuple[str, int, int, int]] = []
+        self.samples: set[int] = set()  # the sample ids this session touched
 
     def _send(self, name: str, x: torch.Tensor, rows: list[int], mask: torch.Tensor, epoch: int,
               extra: dict | None = None) -> tuple[Message, Message]:
-        ch = self.p.channels
-        self.sends.append((name, len(rows), epoch))
-        return ch[name].send(self.cid, rows, x, mask, extra or {}, ch.theta(name), epoch)
+        iface = self.p.channels[name]
+        sent = iface.counts.sent
+        out = iface.send(self.cid, rows, x, mask, extra or {}, self.thetas.get(name, 1.0), epoch)
+        self.sends.append((name, iface.counts.sent - sent, len(rows), epoch))
+        return out
+
+    def report(self) -> WorkerReport:
+        """This session's sends and the cache entries it touched (for a driver that keeps them)."""
+        return WorkerReport(self.sends, self.p.channels.export_caches(self.side, self.cid, self.samples))
 
 
 class ClientSide(_Side):
     """A client's half: its blocks' optimizer and memory meter, its data stream, its pending activation graph."""
 
+    side = "client"
+
     def __init__(self, p, round: int, cid: int, cut: Cut, adapter: TensorDict, stream: SampleStream,
-                 steps: int) -> None:
-        super().__init__(p, cid)
+                 steps: int, thetas: dict[str, float]) -> None:
+        super().__init__(p, cid, thetas)
         cfg = self.ctx.cfg
         self.cut, self.stream = cut, stream
         blocks = set(cut.client_blocks(self.L))
@@ -101,6 +123,7 @@ class ClientSide(_Side):
     def forward(self) -> tuple[Message, Message, dict]:
         """The next batch through the head blocks: (activation message, its uncompressed equivalent, info)."""
         rows, batch = next(self.batches)
+        self.samples.update(rows)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         cpu_mask = mask.cpu()
@@ -161,8 +184,10 @@ class ClientSide(_Side):
 class ServerSide(_Side):
     """The server's half for one client's session: the body blocks' optimizer and meter, its pending graph."""
 
-    def __init__(self, p, round: int, cid: int, cut: Cut, body: TensorDict) -> None:
-        super().__init__(p, cid)
+    side = "server"
+
+    def __init__(self, p, round: int, cid: int, cut: Cut, body: TensorDict, thetas: dict[str, float]) -> None:
+        super().__init__(p, cid, thetas)
         cfg = self.ctx.cfg
         self.cut = cut
         blocks = set(cut.body(self.L))
@@ -173,7 +198,8 @@ class ServerSide(_Side):
         self.pending: tuple | None = None
         self.ctx.model.train()
 
-    def _receive(self, up: Message) -> tuple[torch.Tensor, torch.Tensor]:
+    def _receive(self, up: Message, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.samples.update(rows)
         mask = up.tensors["attention_mask"].long()
         h = self.p.channels["activations"].receive(self.cid, up, mask).to(self.device).requires_grad_()
         return h, mask
@@ -185,7 +211,7 @@ class ServerSide(_Side):
         """Standard split: body, norm, LM head and loss on the activations; back-propagate, step, and return the
         cut-layer gradient (None if the loss is not finite)."""
         with self.meter.step():
-            h, mask = self._receive(up)
+            h, mask = self._receive(up, rows)
             out = self.p.split.run(self.cut.head, self.L, hidden=h, attention_mask=mask.to(self.device),
                                    labels=up.tensors["labels"].to(self.device).long())
         loss = out.loss
@@ -200,7 +226,7 @@ class ServerSide(_Side):
     def forward(self, up: Message, rows: list[int], epoch: int) -> tuple[Message, Message]:
         """U-shape: the body blocks on the activations; returns the body output (kept: its graph waits)."""
         with self.meter.step():
-            h, mask = self._receive(up)
+            h, mask = self._receive(up, rows)
             body = self.p.split.run(self.cut.head, self.L - self.cut.tail, hidden=h, attention_mask=mask.to(self.device))
         self.pending = (h, body, mask, rows, epoch)
         return self._send("body_output", body, rows, mask, epoch)
@@ -253,9 +279,10 @@ class LocalClient:
     def abort(self) -> None:
         self.side.abort()
 
-    def finish(self, failure: str | None, mean_loss: float) -> tuple[Message, int, dict, list]:
+    def finish(self, failure: str | None, mean_loss: float) -> tuple[Message, int, dict, None]:
+        """The side's upload, peak memory and stream; no report (it counted and cached in the driver's channels)."""
         message, memory, stream = self.side.finish(failure, mean_loss)
-        return self._up(message), memory, stream, []
+        return self._up(message), memory, stream, None
 
 
 @dataclass
@@ -264,7 +291,6 @@ class LocalServer:
     transport: Any
     round: int
     cid: int
-    sends: list = field(default_factory=list)
 
     def _down(self, message: Message, baseline: Message | None) -> Message:
         return self.transport.download(message, round=self.round, client=self.cid, baseline=baseline)
@@ -279,9 +305,9 @@ class LocalServer:
     def backward(self, tail_grads: Message) -> Message:
         return self._down(*self.side.backward(tail_grads))
 
-    def abort(self) -> None:
+    def abort(self, lost: bool = False) -> None:
         self.side.abort()
 
-    def finish(self) -> tuple[TensorDict, int, list]:
+    def finish(self) -> tuple[TensorDict, int, None]:
         state, memory = self.side.finish()
-        return state, memory, []
+        return state, memory, None
