@@ -29,6 +29,7 @@ from rich.console import Console
 from fedtune.config import load_config
 from fedtune.engine.compare import ComparisonPlan, Sweep, run_comparison
 from fedtune.network.planner import PLANNERS
+from fedtune.report.comparison import simulated_to_target
 from fedtune.report.render import read_metrics
 
 PLANNER_NAMES = ("jcpba", "equal", "bandwidth_only", "pruning_only", "uniform_pruning")
@@ -95,12 +96,7 @@ def planned(cfg, planners: tuple[str, ...], show_round: int) -> tuple[list[str],
 
 def seconds_to_target(records: list[dict], target: float) -> float | None:
     """Cumulative simulated seconds at the first evaluation with eval loss <= ``target`` (None: never)."""
-    elapsed = 0.0
-    for rec in sorted(records, key=lambda r: r["round"]):
-        elapsed += rec.get("sim_s") or 0.0
-        if rec.get("eval_loss") is not None and rec["eval_loss"] <= target:
-            return elapsed
-    return None
+    return simulated_to_target(sorted(records, key=lambda r: r["round"]), target)
 
 
 def row_of(planner: str, summary: dict, records: list[dict]) -> dict:

@@ -10,7 +10,7 @@ from fedtune.cli import main
 from fedtune.engine import compare as compare_mod
 from fedtune.engine.compare import ComparisonPlan, Sweep, run_comparison
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.report.comparison import bytes_to_target, default_target
+from fedtune.report.comparison import bytes_to_target, default_target, simulated_to_target
 
 FAST = ["federation.rounds=1", "train.local_steps=2", "eval.metric=none", "kd.public_samples=16",
         "data.max_train_samples=96", "data.max_eval_samples=16", "federation.num_clients=2"]
@@ -39,6 +39,8 @@ def test_bytes_to_target_is_the_cumulative_total_at_the_first_eval_reaching_it()
                {"eval_loss": 1.5, "cum_uplink_bytes": 30, "cum_downlink_bytes": 15}]
     assert bytes_to_target(metrics, 2.5) == 30 and bytes_to_target(metrics, 3.0) == 0
     assert bytes_to_target(metrics, 1.0) is None
+    timed = [{**row, "sim_s": s} for row, s in zip(metrics, (0.0, 1.5, 2.0, 4.0))]
+    assert simulated_to_target(timed, 2.5) == 3.5 and simulated_to_target(timed, 1.0) is None
 
 
 def test_default_target_ignores_runs_that_got_worse():

@@ -9,8 +9,9 @@ each of those reaches it after some training (a paradigm that got worse does not
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from fedtune.engine.checkpoint import atomic_write
 from fedtune.report.plots import cumulative_bytes, plot_comparison
@@ -19,12 +20,22 @@ from fedtune.report.render import NA, md_table, fmt_num, format_bytes, format_fl
 Cell = dict[str, str]
 
 
-def bytes_to_target(metrics: list[dict[str, Any]], target: float) -> int | None:
-    """Cumulative bytes at the first evaluation with loss <= ``target``; None if never reached."""
-    for row, total in zip(metrics, cumulative_bytes(metrics)):
+def at_target(metrics: list[dict[str, Any]], target: float, totals: Iterable[float]) -> float | None:
+    """The running total (one per metrics row) at the first evaluation with loss <= ``target``; None if never."""
+    for row, total in zip(metrics, totals):
         if row.get("eval_loss") is not None and row["eval_loss"] <= target:
             return total
     return None
+
+
+def bytes_to_target(metrics: list[dict[str, Any]], target: float) -> int | None:
+    """Cumulative bytes at the first evaluation with loss <= ``target``; None if never reached."""
+    return at_target(metrics, target, cumulative_bytes(metrics))
+
+
+def simulated_to_target(metrics: list[dict[str, Any]], target: float) -> float | None:
+    """Cumulative simulated seconds at the first evaluation with loss <= ``target``; None if never reached."""
+    return at_target(metrics, target, accumulate(row.get("sim_s") or 0.0 for row in metrics))
 
 
 TARGET_NOTE = " (highest final loss among the compared paradigms that improved on their initial loss)"
