@@ -44,16 +44,9 @@ GOAL = 40.0  # % less simulated time than 'equal' (to the target loss)
 def planned(cfg, planners: tuple[str, ...], show_round: int) -> tuple[list[str], dict]:
     """Markdown lines of round ``show_round``'s JCPBA plan per client and every planner's planned latency per round
     (nominal workload, model on the meta device), and the same numbers as data."""
-    from fedtune.models.flops import model_cost
-    from fedtune.network.simtime import NetworkSim, default_profiles
-    from fedtune.network.workload import client_sample_counts, model_skeleton, round_workload
-    from fedtune.paradigms import PARADIGMS
+    from fedtune.network.plan_table import planning_network
 
-    model = model_skeleton(cfg)
-    sizes = client_sample_counts(cfg) if cfg.train.local_epochs is not None else None
-    profiles, _ = default_profiles(cfg)
-    sim = NetworkSim(cfg, round_workload(cfg, model, model_cost(model), sizes), profiles,
-                     PARADIGMS.get(cfg.paradigm).prunes_clients)
+    sim = planning_network(cfg)
     w = sim.workload
     rounds = list(range(1, cfg.federation.rounds + 1))
     per_round = {name: [] for name in planners}
@@ -68,7 +61,9 @@ def planned(cfg, planners: tuple[str, ...], show_round: int) -> tuple[list[str],
     lines = [f"Nominal round per client (unpruned): adapter {w.up_bytes / 1e6:.2f} MB up and down, "
              f"{w.flops.max() / 1e12:.3g} TFLOP, training memory {w.memory_bytes / 1e9:.3g} GB; "
              f"band {cfg.network.bandwidth_hz / 1e6:g} MHz, {cfg.network.fading} fading, "
-             f"rho_max {cfg.network.rho_max}, mean rho budget {cfg.network.mean_rho_budget}.", ""]
+             f"rho_max {cfg.network.rho_max}, mean rho budget {cfg.network.mean_rho_budget}, latency slack "
+             f"{cfg.network.latency_slack:g}. Pruned at rate rho, a client keeps 1 - {w.compute_cut:.3f} rho of its "
+             f"FLOPs and 1 - {w.bytes_cut:.3f} rho of its adapter bytes (measured).", ""]
     if shown is not None:
         rp, plan = shown
         lines += [f"JCPBA plan of round {show_round} (downlink broadcast {rp.down_rate_bps / 1e6:.3g} Mbit/s):", "",
@@ -87,7 +82,8 @@ def planned(cfg, planners: tuple[str, ...], show_round: int) -> tuple[list[str],
         total = sum(per_round[name])
         vs = f"{(total / sum(ref) - 1) * 100:+.1f} %" if ref else "—"
         lines.append(f"| {name} | " + " | ".join(f"{x:.3g}" for x in per_round[name]) + f" | {total:.4g} | {vs} |")
-    return lines, {"per_round_s": per_round, "adapter_bytes": w.up_bytes, "round_tflop": float(w.flops.max() / 1e12)}
+    return lines, {"per_round_s": per_round, "adapter_bytes": w.up_bytes, "round_tflop": float(w.flops.max() / 1e12),
+                   "compute_cut": w.compute_cut, "bytes_cut": w.bytes_cut}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +158,9 @@ def results_table(rows: list[dict], target: float) -> list[str]:
     return [line.replace("— %", "—") for line in lines]
 
 
-def measured_shrink(by_rate: dict) -> list[dict]:
-    """Per applied rate: measured adapter bytes and training FLOPs per token relative to rate 0, vs the planner's
-    model (both scale by 1 - rho)."""
+def measured_shrink(by_rate: dict, compute_cut: float, bytes_cut: float) -> list[dict]:
+    """Per applied rate: measured adapter bytes and training FLOPs per token relative to rate 0, and the planner's
+    model of them (``1 - cut * rho``, the cuts fitted on pruned copies before training)."""
     base = by_rate.get("0")
     if not base:
         return []
@@ -173,12 +169,13 @@ def measured_shrink(by_rate: dict) -> list[dict]:
         rate = float(key)
         if rate == 0:
             continue
-        out.append({"rho": rate, "model": 1 - rate, "bytes": v["adapter_bytes"] / base["adapter_bytes"],
+        out.append({"rho": rate, "model_bytes": 1 - bytes_cut * rate, "model_flops": 1 - compute_cut * rate,
+                    "bytes": v["adapter_bytes"] / base["adapter_bytes"],
                     "flops": v["train_flops_per_token"] / base["train_flops_per_token"]})
     return out
 
 
-def verdict(rows: dict[str, dict], target: float) -> list[str]:
+def verdict(rows: dict[str, dict], target: float, cuts: tuple[float, float]) -> list[str]:
     j, e = rows.get("jcpba"), rows.get(REFERENCE)
     if j is None or e is None:
         return ["(jcpba or equal not run: no verdict)"]
@@ -205,23 +202,23 @@ def verdict(rows: dict[str, dict], target: float) -> list[str]:
                      f"{pct_less(j['simulated_s'], e_at_j):.1f} % less time for JCPBA.")
     # what was planned vs what was measured
     if j["planned_s"] and e["planned_s"]:
-        lines.append(f"Planned (nominal workload, pruning modelled as 1 - rho on compute and upload): JCPBA "
+        lines.append(f"Planned (nominal workload; a pruned client keeps 1 - {cuts[0]:.3f} rho of its FLOPs and "
+                     f"1 - {cuts[1]:.3f} rho of its adapter bytes): JCPBA "
                      f"{_s(j['planned_s'])} s vs equal {_s(e['planned_s'])} s = "
                      f"{pct_less(j['planned_s'], e['planned_s']):.1f} % less; measured: "
                      f"{_s(j['simulated_s'])} s vs {_s(e['simulated_s'])} s = {j['less_total_pct']:.1f} % less. "
                      f"Measured / planned seconds: JCPBA {j['simulated_s'] / j['planned_s']:.3f}, "
                      f"equal {e['simulated_s'] / e['planned_s']:.3f}.")
-    shrink = measured_shrink(j["by_rate"])
+    shrink = measured_shrink(j["by_rate"], *cuts)
     if shrink:
         top = max(shrink, key=lambda s: s["rho"])
-        mean_b = sum(s["bytes"] / s["model"] for s in shrink) / len(shrink)
-        mean_f = sum(s["flops"] / s["model"] for s in shrink) / len(shrink)
+        mean_b = sum(s["bytes"] / s["model_bytes"] for s in shrink) / len(shrink)
+        mean_f = sum(s["flops"] / s["model_flops"] for s in shrink) / len(shrink)
         lines.append(f"Measured on the pruned models JCPBA applied ({len(shrink)} distinct rates): at rho "
-                     f"{top['rho']:.3g} the adapter (upload and download) is {top['bytes']:.3f} of full size and the "
-                     f"training FLOPs per token {top['flops']:.3f}, where the planner assumes {top['model']:.3f}; "
-                     f"over all applied rates bytes are {mean_b:.2f}x and FLOPs {mean_f:.2f}x the planner's "
-                     "(1 - rho): embeddings, norms and the LM head are never pruned, LoRA A/B shrink on one side "
-                     "only, and whole KV groups are rounded.")
+                     f"{top['rho']:.3g} the adapter (upload and download) is {top['bytes']:.3f} of full size (planned "
+                     f"{top['model_bytes']:.3f}; 1 - rho would be {1 - top['rho']:.3f}) and the training FLOPs per "
+                     f"token {top['flops']:.3f} (planned {top['model_flops']:.3f}); over all applied rates bytes are "
+                     f"{mean_b:.3f}x and FLOPs {mean_f:.3f}x the planner's model.")
     lines.append("Eval loss after each round (round 0 = before training): " + "; ".join(
         f"{name} {' '.join(_f(x, '.3f') for x in r['eval_loss_per_round'])}" for name, r in rows.items())
         + ". Mean client training loss in round 1 (measured on each client's own, possibly pruned, model): "
@@ -244,7 +241,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="bench/out/jcpba")
     parser.add_argument("--target-loss", type=float, default=None,
-                        help="eval loss to reach (default: the 'equal' planner's final eval loss)")
+                        help="eval loss to reach (default: the 'equal' planner's eval loss after --target-round)")
+    parser.add_argument("--target-round", type=int, default=None,
+                        help="round whose 'equal' eval loss is the target (default: its last round)")
     parser.add_argument("--planners", default=",".join(PLANNER_NAMES), help="comma-separated (default: all five)")
     parser.add_argument("--plan-round", type=int, default=1, help="round whose JCPBA plan is printed per client")
     args = parser.parse_args()
@@ -273,7 +272,11 @@ def main() -> int:
     if args.target_loss is not None:
         target, target_from = args.target_loss, "given"
     elif REFERENCE in rows:
-        target, target_from = rows[REFERENCE]["final_eval_loss"], "the equal planner's final eval loss"
+        losses = rows[REFERENCE]["eval_loss_per_round"]
+        at = len(losses) - 1 if args.target_round is None else args.target_round
+        if not 0 < at < len(losses):
+            parser.error(f"--target-round {at}: the runs have rounds 1 to {len(losses) - 1}")
+        target, target_from = losses[at], f"the equal planner's eval loss after round {at}"
     else:
         target, target_from = max(r["final_eval_loss"] for r in rows.values()), "the highest final eval loss"
     ref = rows.get(REFERENCE)
@@ -291,10 +294,11 @@ def main() -> int:
                f"{c.train.local_steps} local steps x batch {c.train.batch_size}; seed {c.seed}")
     cmd = "python bench/jcpba_bench.py" + "".join(f" --set {_quote(s)}" for s in args.set) + (
         f" --config {args.config}" if args.config != "configs/jcpba.toml" else "") + (
-        f" --target-loss {args.target_loss}" if args.target_loss is not None else "")
+        f" --target-loss {args.target_loss}" if args.target_loss is not None else "") + (
+        f" --target-round {args.target_round}" if args.target_round is not None else "")
     result_lines = ["## Results", "", f"`{cmd}`", "", setting + ".", "",
                     f"Target eval loss {target:.4f} ({target_from}).", "", *results_table(ordered, target), "",
-                    *verdict(rows, target), ""]
+                    *verdict(rows, target, (plan_data["compute_cut"], plan_data["bytes_cut"])), ""]
     print("\n".join(result_lines), flush=True)
     print(f"bench total {time.perf_counter() - started:.0f} s wall (runs reused where finished)")
 

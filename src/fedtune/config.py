@@ -227,6 +227,9 @@ class NetworkConfig(Section):
     rho_max: float = Field(0.5, ge=0, le=0.9, description="Largest pruning rate the planner may give a client.")
     mean_rho_budget: float = Field(0.3, ge=0, le=0.9, description="Quality constraint: the mean pruning rate over a "
                                    "round's clients stays within this.")
+    latency_slack: float = Field(0.02, ge=0, le=1, description="JCPBA: round latency accepted above the fastest "
+                                 "plan (a fraction of it) in exchange for less pruning: the plan is the least total "
+                                 "pruning that meets it. 0: the fastest plan, pruning only where it buys time.")
     energy_pj_per_flop: float = Field(5.0, ge=0, description="Client compute energy per FLOP, pJ (energy = uplink "
                                       "power x upload seconds + this x FLOPs); 0 counts radio energy only.")
 

@@ -413,6 +413,7 @@ def build_pruned_model(model: nn.Module, mask: PruneMask) -> nn.Module:
     pruned modules get new, sliced weights. The config is a copy with the kept sizes where it can express them
     (``intermediate_size`` / ``n_inner``; for Llama-style ``num_attention_heads``, ``num_key_value_heads`` and an
     explicit ``head_dim``); a GPT-2 attention module gets its kept head count on ``num_heads`` / ``split_size``.
+    A model on the ``meta`` device (shapes only) gives a pruned model on it, for measuring sizes and FLOPs.
     """
     plain = _plain_model(model)
     tensors = {_plain_name(n): p for n, p in plain.named_parameters(remove_duplicate=False) if ".lora_" not in n}
@@ -444,8 +445,9 @@ def build_pruned_model(model: nn.Module, mask: PruneMask) -> nn.Module:
             attn.num_heads = bm.kept_heads
             attn.split_size = bm.kept_heads * bm.head_dim
     _update_config(pruned.config, mask)
+    weightless = all(p.device.type == "meta" for p in plain.parameters())  # a shapes-only skeleton stays so
     leftover = [n for n, p in pruned.named_parameters() if p.device.type == "meta"]
-    if leftover:
+    if leftover and not weightless:
         raise FedtuneError(f"pruning: parameters left unassigned: {', '.join(leftover[:3])}")
     return pruned.eval()
 

@@ -13,14 +13,20 @@ from fedtune.network.workload import client_sample_counts, model_skeleton, round
 from fedtune.paradigms import PARADIGMS
 
 
-def plan_round(cfg, round: int = 1) -> tuple[NetworkSim, RoundPlan, dict[str, float]]:
-    """The network of a run of ``cfg`` (model built on the meta device), its plan for ``round``, and the latency
-    of that round under every planner."""
+def planning_network(cfg) -> NetworkSim:
+    """The simulated network a run of ``cfg`` would plan with, built without training or weights (the model on
+    the meta device; the data is loaded only when ``train.local_epochs`` makes step counts depend on it)."""
     model = model_skeleton(cfg)
     sizes = client_sample_counts(cfg) if cfg.train.local_epochs is not None else None
     profiles, _ = default_profiles(cfg)
     prunes = PARADIGMS.get(cfg.paradigm).prunes_clients
-    sim = NetworkSim(cfg, round_workload(cfg, model, model_cost(model), sizes), profiles, prunes)
+    return NetworkSim(cfg, round_workload(cfg, model, model_cost(model), sizes, prunes), profiles, prunes)
+
+
+def plan_round(cfg, round: int = 1) -> tuple[NetworkSim, RoundPlan, dict[str, float]]:
+    """The network of a run of ``cfg`` (:func:`planning_network`), its plan for ``round``, and the latency of that
+    round under every planner."""
+    sim = planning_network(cfg)
     rp = sim.plan(round)
     latencies = {name: PLANNERS.get(name)(rp.problem).latency_s for name in PLANNERS.names()}
     return sim, rp, latencies
@@ -38,6 +44,10 @@ def print_plan(cfg, round: int, console: Console) -> None:
                   f"{rp.down_rate_bps / 1e6:.3g} Mbit/s")
     console.print(f"nominal round per client (unpruned): adapter {w.up_bytes / 1e6:.3g} MB up and down, "
                   f"{w.flops.max() / 1e12:.3g} TFLOP, training memory {w.memory_bytes / 1e9:.3g} GB")
+    if sim.prunes and net.rho_max > 0:
+        console.print(f"pruned at rate rho, a client keeps 1 - {w.compute_cut:.3f} rho of its FLOPs and "
+                      f"1 - {w.bytes_cut:.3f} rho of its adapter bytes (measured on pruned copies of the model); "
+                      f"latency slack {net.latency_slack:g}")
     table = Table(title=f"plan ({net.planner})", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("client", "device", "dist m", "gain dB", "share", "rho", "comp s", "comm s", "finish s"):
         table.add_column(col, justify="left" if col == "device" else "right", no_wrap=True)

@@ -1,12 +1,14 @@
 """Per-round plans: each client's bandwidth share and pruning rate (JCPBA and its baselines).
 
-Client k's round, with share ``b_k`` and pruning rate ``rho_k`` (pruning scales compute and upload alike):
+Client k's round, with share ``b_k`` and pruning rate ``rho_k``:
 
-    t_k = (1 - rho_k) A_k  +  (1 - rho_k) S_k / R_k(b_k)  +  D_k
+    t_k = c(rho_k) A_k  +  s(rho_k) (S_k / R_k(b_k) + D_k),    c(rho) = 1 - kc rho,  s(rho) = 1 - ks rho
 
 ``A_k`` unpruned compute seconds, ``S_k`` unpruned upload bits, ``R_k`` the Shannon rate of the share
-(:func:`fedtune.network.channel.uplink_rate`), ``D_k`` downlink seconds (a broadcast, not pruned). A round
-lasts ``max_k t_k``. Constraints: ``sum b_k <= 1``; ``rho_min_k <= rho_k <= rho_max`` (``rho_min_k``: the
+(:func:`fedtune.network.channel.uplink_rate`), ``D_k`` unpruned downlink seconds (the broadcast rate). ``c`` and
+``s`` are the fractions of compute and of adapter bytes a pruned client keeps: ``kc = ks = 1`` is the textbook
+``1 - rho``; a run measures them on its own model (:func:`fedtune.network.workload.pruning_cuts`), where at
+rho 0.5 a LoRA adapter keeps about 0.72 of its bytes, not 0.5. A round lasts ``max_k t_k``. Constraints: ``sum b_k <= 1``; ``rho_min_k <= rho_k <= rho_max`` (``rho_min_k``: the
 least pruning that makes the model fit the device's memory); quality: ``mean rho_k <= budget``.
 
 JCPBA minimises the round latency by block coordinate descent on two blocks:
@@ -24,8 +26,13 @@ deadline any rates could meet, which makes it the global optimum (``tests/test_j
 ``scipy.optimize.differential_evolution`` + SLSQP). The textbook pruning step (bandwidth fixed, give each
 client the smallest rate meeting the current deadline) stalls instead: once every finishing time is equal
 neither block alone can lower the maximum, and on random instances it stops up to 65 % above the optimum.
-The plan ends with that step's rule: each client gets the smallest rate that meets the final deadline with
-its share, so no client is pruned more than the latency needs.
+
+The fastest plan is not unique, and pruning costs quality, so the plan ends with the **least pruning**
+(smallest sum of rates) that meets the deadline ``(1 + slack) x`` the optimum within the band: the dual of
+the pruning step (same per-client rule, the multiplier set so the shares fill the band instead of the rates
+the budget). With ``slack`` 0 it drops only pruning that buys no time; a small slack keeps a client off the
+critical path from being pruned for a sliver of latency (e.g. when one client in a deep fade, power-limited,
+takes nearly the whole band and so squeezes everyone else into pruning).
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ class PlanProblem:
     budget: float  # mean rho <= budget
     tx_power_w: np.ndarray = field(default=None)  # for energy
     compute_j: np.ndarray = field(default=None)  # unpruned compute energy, J
+    compute_cut: float = 1.0  # kc: compute kept at rate rho is 1 - kc rho
+    bytes_cut: float = 1.0  # ks: adapter bytes (up and down) kept at rate rho are 1 - ks rho
+    slack: float = 0.0  # JCPBA: latency accepted above the optimum in exchange for less pruning
 
     def __post_init__(self) -> None:
         k = len(self.compute_s)
@@ -74,13 +84,19 @@ class PlanProblem:
     def rates(self, share: np.ndarray) -> np.ndarray:
         return uplink_rate(share, self.bandwidth_hz, self.snr)
 
+    def keep_compute(self, rho: np.ndarray) -> np.ndarray:
+        return 1.0 - self.compute_cut * np.asarray(rho, float)
+
+    def keep_bytes(self, rho: np.ndarray) -> np.ndarray:
+        return 1.0 - self.bytes_cut * np.asarray(rho, float)
+
     def up_s(self, share: np.ndarray, rho: np.ndarray) -> np.ndarray:
-        bits = (1.0 - np.asarray(rho)) * self.up_bits
+        bits = self.keep_bytes(rho) * self.up_bits
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(bits > 0, bits / self.rates(share), 0.0)
 
     def times(self, share: np.ndarray, rho: np.ndarray) -> np.ndarray:
-        return (1.0 - np.asarray(rho)) * self.compute_s + self.up_s(share, rho) + self.down_s
+        return self.keep_compute(rho) * self.compute_s + self.up_s(share, rho) + self.keep_bytes(rho) * self.down_s
 
     def latency(self, share: np.ndarray, rho: np.ndarray) -> float:
         return float(np.max(self.times(share, rho))) if self.k else 0.0
@@ -122,9 +138,9 @@ class Plan:
 def make_plan(problem: PlanProblem, name: str, share: np.ndarray, rho: np.ndarray, iterations: int = 0) -> Plan:
     share = np.asarray(share, float)
     rho = np.clip(np.round(np.asarray(rho, float), 12), 0.0, None)  # no -1e-17 or 0.4999999999999989 rates
-    up = problem.up_s(share, rho)
-    return Plan(name, share, rho, (1 - rho) * problem.compute_s, up, problem.down_s.copy(),
-                problem.tx_power_w * up + (1 - rho) * problem.compute_j, problem.latency(share, rho), iterations)
+    up, keep = problem.up_s(share, rho), problem.keep_compute(rho)
+    return Plan(name, share, rho, keep * problem.compute_s, up, problem.keep_bytes(rho) * problem.down_s,
+                problem.tx_power_w * up + keep * problem.compute_j, problem.latency(share, rho), iterations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +149,8 @@ def make_plan(problem: PlanProblem, name: str, share: np.ndarray, rho: np.ndarra
 
 def shares_for_deadline(problem: PlanProblem, rho: np.ndarray, deadline: float) -> np.ndarray:
     """Each client's smallest share finishing by ``deadline`` at rates ``rho`` (inf where none does)."""
-    fixed = (1 - rho) * problem.compute_s + problem.down_s
-    bits = (1 - rho) * problem.up_bits
+    fixed = problem.keep_compute(rho) * problem.compute_s + problem.keep_bytes(rho) * problem.down_s
+    bits = problem.keep_bytes(rho) * problem.up_bits
     slack = deadline - fixed
     with np.errstate(divide="ignore", invalid="ignore"):
         needed = np.where(slack > 0, bits / slack, np.inf)
@@ -159,21 +175,37 @@ def bandwidth_step(problem: PlanProblem, rho: np.ndarray) -> tuple[np.ndarray, f
         deadline = brentq(excess, lo, hi, xtol=1e-15, rtol=1e-13) if hi > lo else hi
         while excess(deadline) > 1e-12:
             deadline *= 1 + 1e-14
-    share = np.minimum(shares_for_deadline(problem, rho, deadline), 1.0)
-    spare = 1.0 - share.sum()
-    if spare > 0:  # compute-bound rounds leave band over: hand it out (it only shortens uploads)
-        share = share + spare * (share / share.sum() if share.sum() > 0 else np.full(k, 1.0 / k))
+    share = _fill_band(np.minimum(shares_for_deadline(problem, rho, deadline), 1.0))
     return share, problem.latency(share, rho)
+
+
+def _fill_band(share: np.ndarray) -> np.ndarray:
+    """Shares summing to 1: band left over (compute-bound clients) is handed out in proportion, where it only
+    shortens uploads; a rounding excess is taken back the same way."""
+    total = share.sum()
+    if total <= 0:
+        return np.full(len(share), 1.0 / max(len(share), 1))
+    return share / total if total > 1 else share + (1.0 - total) * share / total
+
+
+def _linear_in_rho(problem: PlanProblem, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """With ``share`` fixed a client's finishing time is affine in its rate: ``t0 - rho dt``; returns (t0, dt)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(problem.up_bits > 0, problem.up_bits / problem.rates(share), 0.0)
+    t0 = problem.compute_s + up + problem.down_s
+    return t0, problem.compute_cut * problem.compute_s + problem.bytes_cut * (up + problem.down_s)
+
+
+def _rates_meeting(t0: np.ndarray, dt: np.ndarray, deadline: float) -> np.ndarray:
+    """Smallest ``rho >= 0`` with ``t0 - rho dt <= deadline`` (inf where no rate does)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.where(dt > 0, (t0 - deadline) / dt, np.inf)
+    return np.where(t0 <= deadline, 0.0, np.where(np.isfinite(t0) & np.isfinite(need), need, np.inf))
 
 
 def _rho_floor(problem: PlanProblem, deadline: float) -> np.ndarray:
     """Least rate with which each client can meet ``deadline`` at all (whole band), memory included."""
-    r1 = uplink_rate(np.ones(problem.k), problem.bandwidth_hz, problem.snr)
-    budget = deadline - problem.down_s
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_second = problem.compute_s + np.where(problem.up_bits > 0, problem.up_bits / r1, 0.0)
-        keep = np.where(per_second > 0, budget / per_second, np.inf)  # max (1 - rho) meeting the deadline
-    return np.maximum(problem.rho_min, np.maximum(0.0, 1.0 - keep))
+    return np.maximum(problem.rho_min, _rates_meeting(*_linear_in_rho(problem, np.ones(problem.k)), deadline))
 
 
 def _slope_fn(problem: PlanProblem, deadline: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -182,19 +214,19 @@ def _slope_fn(problem: PlanProblem, deadline: float) -> Callable[[np.ndarray], n
     A lean closed form (Lambert W, no fallbacks): it runs thousands of times per pruning step, and only its
     sign relative to the multiplier matters.
     """
-    bw, snr, bits, comp = problem.bandwidth_hz, problem.snr, problem.up_bits, problem.compute_s
-    window = deadline - problem.down_s
+    bw, snr, bits, comp, down = problem.bandwidth_hz, problem.snr, problem.up_bits, problem.compute_s, problem.down_s
+    kc, ks = problem.compute_cut, problem.bytes_cut
     scale = LN2 / (bw * snr)
     sends = bits > 0
 
     def slope(rho: np.ndarray) -> np.ndarray:
-        keep = 1.0 - rho
+        keep_c, keep_s = 1.0 - kc * rho, 1.0 - ks * rho
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            slack = window - keep * comp
-            q = keep * bits / slack * scale
+            slack = deadline - keep_c * comp - keep_s * down
+            q = keep_s * bits / slack * scale
             w = -np.real(lambertw(-q * np.exp(-q), k=-1)) - q  # ln(1 + snr / share)
             share = snr / np.expm1(w)
-            d_rate = -bits * window / slack**2  # d(required rate) / d rho
+            d_rate = -bits * (ks * slack + keep_s * (kc * comp + ks * down)) / slack**2  # d(required rate) / d rho
             d_share = bw * (w - snr / (share + snr)) / LN2  # d rate / d share
             return np.where(sends, d_rate / d_share, 0.0)
 
@@ -209,11 +241,59 @@ def pruning_step(problem: PlanProblem, deadline: float, iters: int = 48) -> np.n
     (bisection on the derivative, all clients at once), and ``nu`` is found by ``brentq`` so the rates use
     the budget. Clients without upload take their floor rate.
     """
+    bounds = _rate_bounds(problem, deadline)
+    if bounds is None or bounds[0].sum() > problem.k * problem.budget + 1e-12:
+        return None
+    rates_at, nu_hi = _rates_for_multiplier(problem, deadline, *bounds, iters)
+    allowed = problem.k * problem.budget
+    rho = rates_at(0.0)
+    if rho.sum() <= allowed:
+        return rho
+    while rates_at(nu_hi).sum() > allowed + 1e-12:
+        nu_hi *= 2
+    nu = brentq(lambda v: rates_at(v).sum() - allowed, 0.0, nu_hi, xtol=1e-13 * nu_hi, rtol=1e-12)
+    rho = rates_at(nu)
+    lo = bounds[0]
+    if rho.sum() > allowed:  # bisection rounding: take the excess from the most pruned
+        rho = np.maximum(lo, rho - (rho.sum() - allowed) * (rho - lo) / max((rho - lo).sum(), 1e-300))
+    return rho
+
+
+def least_pruning(problem: PlanProblem, deadline: float, iters: int = 48) -> np.ndarray | None:
+    """Rates meeting ``deadline`` within the band with the least total pruning (None: no rates do).
+
+    The dual of :func:`pruning_step`: minimises ``sum_k rho_k`` subject to ``sum_k b_k(rho_k) <= 1``. Same
+    per-client rule (``b_k' = -nu``); ``nu`` is found so the shares fill the band. Any deadline at or above the
+    optimal latency leaves the budget satisfied, since the optimum's own rates already meet it.
+    """
+    bounds = _rate_bounds(problem, deadline)
+    if bounds is None:
+        return None
+    band = lambda rho: float(np.sum(shares_for_deadline(problem, rho, deadline)))  # noqa: E731
+    if band(bounds[0]) <= 1.0:
+        return bounds[0]
+    rates_at, nu_hi = _rates_for_multiplier(problem, deadline, *bounds, iters)
+    if band(rates_at(0.0)) > 1.0 + 1e-9:  # even the rates needing the least band do not fit
+        return None
+    while band(rates_at(nu_hi)) <= 1.0:
+        nu_hi *= 2
+    nu = brentq(lambda v: band(rates_at(v)) - 1.0, 0.0, nu_hi, xtol=1e-13 * nu_hi, rtol=1e-12)
+    return rates_at(nu)
+
+
+def _rate_bounds(problem: PlanProblem, deadline: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-client rate range that can meet ``deadline``: from the floor (whole band, memory) to ``rho_max``."""
     lo = _rho_floor(problem, deadline)
     hi = np.full(problem.k, problem.rho_max)
-    if np.any(lo > hi + 1e-12) or lo.sum() > problem.k * problem.budget + 1e-12:
+    if np.any(lo > hi + 1e-12):
         return None
-    lo = np.minimum(lo, hi)
+    return np.minimum(lo, hi), hi
+
+
+def _rates_for_multiplier(problem: PlanProblem, deadline: float, lo: np.ndarray, hi: np.ndarray,
+                          iters: int) -> tuple[Callable[[float], np.ndarray], float]:
+    """``nu -> rates`` where each client's share slope ``b_k'(rho_k) = -nu`` (within its bounds; bisection, all
+    clients at once), and a multiplier above which every rate sits at its floor."""
     flexible = (problem.up_bits > 0) & (hi > lo)
     slope = _slope_fn(problem, deadline)
 
@@ -225,40 +305,22 @@ def pruning_step(problem: PlanProblem, deadline: float, iters: int = 48) -> np.n
             a, b = np.where(right, mid, a), np.where(right, b, mid)
         return np.where(flexible, 0.5 * (a + b), lo)
 
-    allowed = problem.k * problem.budget
-    rho = rates_at(0.0)
-    if rho.sum() <= allowed:
-        return rho
     steepest = -slope(np.minimum(lo + 1e-9 * (hi - lo), hi))
     nu_hi = float(np.max(np.where(flexible & np.isfinite(steepest), steepest, 0.0), initial=0.0)) * 2 + 1e-300
-    while rates_at(nu_hi).sum() > allowed + 1e-12:
-        nu_hi *= 2
-    nu = brentq(lambda v: rates_at(v).sum() - allowed, 0.0, nu_hi, xtol=1e-13 * nu_hi, rtol=1e-12)
-    rho = rates_at(nu)
-    if rho.sum() > allowed:  # bisection rounding: take the excess from the most pruned
-        rho = np.maximum(lo, rho - (rho.sum() - allowed) * (rho - lo) / max((rho - lo).sum(), 1e-300))
-    return rho
-
-
-def _seconds_per_keep(problem: PlanProblem, share: np.ndarray) -> np.ndarray:
-    """Compute + upload seconds of the unpruned model at ``share`` (a client's time is this x (1 - rho) + D)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return problem.compute_s + np.where(problem.up_bits > 0, problem.up_bits / problem.rates(share), 0.0)
+    return rates_at, nu_hi
 
 
 def least_rates(problem: PlanProblem, share: np.ndarray, deadline: float) -> np.ndarray:
     """Each client's smallest rate meeting ``deadline`` with its ``share`` (memory's floor included)."""
-    per_keep = _seconds_per_keep(problem, share)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        keep = np.where(per_keep > 0, (deadline - problem.down_s) / per_keep, np.inf)
-    return np.clip(np.maximum(problem.rho_min, 1.0 - keep), 0.0, problem.rho_max)
+    need = _rates_meeting(*_linear_in_rho(problem, share), deadline)
+    return np.clip(np.maximum(problem.rho_min, need), 0.0, problem.rho_max)
 
 
 def pruning_for_bandwidth(problem: PlanProblem, share: np.ndarray) -> tuple[np.ndarray, float]:
     """Shares fixed: the smallest deadline some rates meet under ``rho_max`` and the budget, and those rates."""
-    per_keep = _seconds_per_keep(problem, share)
-    lo = float(np.max((1 - problem.rho_max) * per_keep + problem.down_s))
-    hi = float(np.max((1 - problem.rho_min) * per_keep + problem.down_s))
+    t0, dt = _linear_in_rho(problem, share)
+    lo = float(np.max(t0 - problem.rho_max * dt))
+    hi = float(np.max(t0 - problem.rho_min * dt))
     excess = lambda t: float(least_rates(problem, share, t).sum()) - problem.k * problem.budget  # noqa: E731
     deadline = lo if excess(lo) <= 0 or hi <= lo else brentq(excess, lo, hi, xtol=1e-15, rtol=1e-13)
     while excess(deadline) > 1e-12:
@@ -294,7 +356,14 @@ def jcpba(problem: PlanProblem, max_iter: int = 100, tol: float = 1e-9) -> Plan:
                 rho, share, latency = new_rho, new_share, new_latency
             break
         rho, share, latency = new_rho, new_share, new_latency
-    rho = np.minimum(rho, least_rates(problem, share, latency))
+    deadline = latency * (1 + problem.slack)
+    least = least_pruning(problem, deadline)
+    if least is not None:
+        least_share = _fill_band(shares_for_deadline(problem, least, deadline))
+        within_budget = least.sum() <= problem.k * problem.budget + 1e-9
+        if within_budget and problem.latency(least_share, least) <= deadline * (1 + 1e-9):
+            return make_plan(problem, "jcpba", least_share, least, iterations)
+    rho = np.minimum(rho, least_rates(problem, share, latency))  # numerical fallback: trim the optimum's rates
     return make_plan(problem, "jcpba", share, rho, iterations)
 
 

@@ -98,6 +98,9 @@ def planning_problem(cfg, channel: Channel, state: ChannelState, workload: Workl
         budget=net.mean_rho_budget,
         tx_power_w=power,
         compute_j=net.energy_pj_per_flop * 1e-12 * flops,
+        compute_cut=workload.compute_cut,
+        bytes_cut=workload.bytes_cut,
+        slack=net.latency_slack,
     )
     return problem, down_rate
 
@@ -132,7 +135,7 @@ class NetworkSim:
         profiles, defaulted = default_profiles(cfg)
         if defaulted:
             ctx.progress.log(f"network: devices.profiles is not set; every client is a '{DEFAULT_DEVICE}'")
-        workload = round_workload(cfg, ctx.model, ctx.cost, [len(p) for p in ctx.partitions])
+        workload = round_workload(cfg, ctx.model, ctx.cost, [len(p) for p in ctx.partitions], prunes)
         sim = cls(cfg, workload, profiles, prunes)
         sim.ledger = ctx.ledger
         if prunes:

@@ -2,7 +2,8 @@
 
 The plan is made before the round, so it works from a nominal workload: every local step a full batch at
 ``data.max_length`` tokens (an upper bound on the padded batches training really runs), the LoRA adapter
-up and down (FedLLM's messages), and a training-memory estimate. Realised seconds are computed afterwards
+up and down (FedLLM's messages), and a training-memory estimate. When the paradigm prunes its clients, how
+compute and adapter bytes shrink with the pruning rate is measured too (:func:`pruning_cuts`). Realised seconds are computed afterwards
 from the measured FLOPs and ledger bytes (:mod:`fedtune.network.simtime`).
 
 ``fedtune plan`` builds the same numbers without loading weights: the model is instantiated on PyTorch's
@@ -34,6 +35,12 @@ class Workload:
     up_bytes: int
     down_bytes: int
     memory_bytes: int
+    compute_cut: float = 1.0  # a client pruned at rate rho keeps 1 - compute_cut * rho of its FLOPs
+    bytes_cut: float = 1.0  # ... and 1 - bytes_cut * rho of its adapter bytes
+
+
+#: Rates, as fractions of ``network.rho_max``, at which :func:`pruning_cuts` measures pruned models.
+CUT_GRID = (0.25, 0.5, 0.75, 1.0)
 
 
 def training_memory_bytes(model: torch.nn.Module, cfg) -> int:
@@ -54,8 +61,37 @@ def adapter_bytes(model: torch.nn.Module) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
 
 
-def round_workload(cfg, model: torch.nn.Module, cost: ModelCost, client_sizes: list[int] | None) -> Workload:
-    """The nominal unpruned round of every client (``client_sizes`` matter only with ``train.local_epochs``)."""
+def pruning_cuts(cfg, skeleton: torch.nn.Module) -> tuple[float, float]:
+    """(compute_cut, bytes_cut): the slopes of the kept training FLOPs and adapter bytes against the pruning rate,
+    measured on pruned copies of the run's model (``skeleton``, on the ``meta`` device: kept sizes depend only
+    on the rate, not on which units an importance score keeps) at rates ``CUT_GRID x network.rho_max``, and
+    fitted through (0, 1) by least squares. With LoRA on every projection, pruning half the MLP channels and KV
+    groups of SmolLM2 keeps about 0.64 of the FLOPs and 0.72 of the adapter."""
+    from fedtune.models.flops import model_cost
+    from fedtune.models.pruning import attach_like, build_pruned_model, compute_mask, pruned_cost
+
+    seq = cfg.data.max_length
+    tokens = cfg.train.batch_size * seq
+    full_flops = train_flops(model_cost(skeleton), tokens=tokens, seq_len=seq)
+    full_bytes = adapter_bytes(skeleton)
+    rates, flops_cut, bytes_cut = [], [], []
+    for fraction in CUT_GRID:
+        rate = fraction * cfg.network.rho_max
+        mask = compute_mask(skeleton, rate, method="random", targets=cfg.pruning.targets, seed=cfg.seed)
+        pruned = attach_like(build_pruned_model(skeleton, mask), skeleton)
+        rates.append(rate)
+        flops_cut.append(1 - train_flops(pruned_cost(pruned, mask), tokens=tokens, seq_len=seq) / full_flops)
+        bytes_cut.append(1 - adapter_bytes(pruned) / full_bytes)
+    x = np.array(rates)
+    return (float(np.clip(x @ np.array(flops_cut) / (x @ x), 0.0, 1.0)),
+            float(np.clip(x @ np.array(bytes_cut) / (x @ x), 0.0, 1.0)))
+
+
+def round_workload(cfg, model: torch.nn.Module, cost: ModelCost, client_sizes: list[int] | None,
+                   prunes: bool = False) -> Workload:
+    """The nominal unpruned round of every client (``client_sizes`` matter only with ``train.local_epochs``);
+    with ``prunes`` (the paradigm prunes its clients' models) and ``network.rho_max`` > 0, the measured
+    :func:`pruning_cuts` too (on ``model`` if it is a meta skeleton, else on one built from the config)."""
     n = cfg.federation.num_clients
     if cfg.train.local_epochs is not None and client_sizes is None:
         raise FedtuneError("train.local_epochs needs the clients' sample counts to plan a round")
@@ -64,7 +100,11 @@ def round_workload(cfg, model: torch.nn.Module, cost: ModelCost, client_sizes: l
     per_step = train_flops(cost, tokens=cfg.train.batch_size * seq, seq_len=seq)
     flops = np.array([local_steps(cfg, sizes[k]) * per_step for k in range(n)], float)
     payload = adapter_bytes(model)
-    return Workload(flops, payload, payload, training_memory_bytes(model, cfg))
+    cuts = (1.0, 1.0)
+    if prunes and cfg.network.rho_max > 0:
+        weightless = all(p.device.type == "meta" for p in model.parameters())
+        cuts = pruning_cuts(cfg, model if weightless else model_skeleton(cfg))
+    return Workload(flops, payload, payload, training_memory_bytes(model, cfg), *cuts)
 
 
 # ---------------------------------------------------------------------------------------------
