@@ -3,8 +3,8 @@
 The plan is made before the round, so it works from a nominal workload: every local step a full batch at
 ``data.max_length`` tokens (an upper bound on the padded batches training really runs), the LoRA adapter
 up and down (FedLLM's messages), and a training-memory estimate. When the paradigm prunes its clients, how
-compute and adapter bytes shrink with the pruning rate is measured too (:func:`pruning_cuts`). Realised seconds are computed afterwards
-from the measured FLOPs and ledger bytes (:mod:`fedtune.network.simtime`).
+compute and adapter bytes shrink with the pruning rate is measured too (:func:`pruning_cuts`). Realised
+seconds are computed afterwards from the measured FLOPs and ledger bytes (:mod:`fedtune.network.simtime`).
 
 ``fedtune plan`` builds the same numbers without loading weights: the model is instantiated on PyTorch's
 ``meta`` device from its configuration, so only shapes exist.
