@@ -306,7 +306,7 @@ def main() -> int:
     (out / "results.md").write_text("\n".join(["# JCPBA benchmark", "", *result_lines, "## Plan (no training)", "",
                                                *plan_lines, ""]))
     (out / "result.json").write_text(json.dumps({
-        "args": vars(args), "target_loss": target, "target_from": target_from, "goal_pct": GOAL,
+        "args": vars(args), "seed": cfg.seed, "target_loss": target, "target_from": target_from, "goal_pct": GOAL,
         "met": bool(rows.get("jcpba", {}).get("less_to_target_pct") is not None
                     and rows["jcpba"]["less_to_target_pct"] > GOAL),
         "rows": ordered, "plan": plan_data, "runs": {p: str(d) for p, d in runs.items()},

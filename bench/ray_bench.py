@@ -131,7 +131,7 @@ def split_exchange(shapes: list[tuple[int, int, int]], steps: int) -> list[dict]
     rows = []
     for shape in shapes:
         transport = Transport(Ledger())
-        client, server = ExchangeClient(shape), ExchangeServer()
+        client = ExchangeClient(shape)
         act = decode(client.forward())
         grad = Message("gradients", {"grad": torch.zeros_like(act.tensors["hidden"])})
         for _ in range(3):  # warm up

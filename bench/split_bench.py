@@ -13,9 +13,9 @@ paradigm and its split settings differ), each into its own run directory under -
 A second scenario repeats split-fixed vs split-adaptive under partition.method=length_dirichlet,
 partition.alpha=0.1 (SplitFT reports 15-20 % lower perplexity for adaptive cuts there).
 
-A variant whose run directory already holds a summary.json written by the same configuration
-(config.toml) is reused, not rerun (so an interrupted benchmark continues); one with a checkpoint of the
-same configuration but no summary is resumed. --fresh reruns everything. Wall ratios are only strictly
+A variant whose run directory already holds a summary.json written by the same training configuration
+(config.toml; runtime settings don't count) is reused, not rerun (so an interrupted benchmark continues); one
+with a checkpoint of the same configuration but no summary is resumed. --fresh reruns everything. Wall ratios are only strictly
 comparable between variants run in the same invocation; reused ones are marked.
 
     python bench/split_bench.py                                   # SmolLM2 demo config (slow on CPU)
@@ -26,55 +26,23 @@ comparable between variants run in the same invocation; reused ones are marked.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import RunConfig, load_config
-from fedtune.engine.checkpoint import Checkpointer
-from fedtune.engine.runner import Runner
+from fedtune.config import load_config
 from fedtune.errors import FedtuneError
+from variant_runs import Outcome, VariantRunner, add_run_arguments, labels_with, num_layers, publish
 
 VARIANTS = ("centralized", "fedllm", "split-fixed", "split-adaptive", "split-rank", "split-ushape")
 LENGTH_VARIANTS = ("split-fixed", "split-adaptive")
-SMOLLM2_LAYERS = 30
 MB = 1e6
 TFLOP = 1e12
 
 
-@dataclass
-class Outcome:
-    variant: str
-    scenario: str
-    run_dir: str
-    status: str = "ran"  # ran | reused | resumed | failed
-    summary: dict[str, Any] | None = None
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------------------------------------
 # Configurations
-
-
-def num_layers(cfg: RunConfig) -> int | None:
-    """Transformer blocks of the configured model without loading it (None when unknown)."""
-    if cfg.model.source == "tiny":
-        return cfg.model.tiny.num_layers
-    if cfg.model.source == "smollm2":
-        return SMOLLM2_LAYERS
-    try:
-        from transformers import AutoConfig
-
-        return int(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True).num_hidden_layers)
-    except Exception:  # noqa: BLE001 - unknown: let the run itself report an impossible cut
-        return None
 
 
 def variant_overrides(variant: str, cut: int, rank: int, layers: int | None) -> tuple[list[str], list[str]]:
@@ -99,63 +67,8 @@ def variant_overrides(variant: str, cut: int, rank: int, layers: int | None) -> 
     raise ValueError(variant)
 
 
-def same_config(run_dir: Path, cfg: RunConfig) -> bool:
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        return False
-    try:
-        return tomllib.loads(path.read_text()) == tomllib.loads(cfg.to_toml())
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-
-
 WARMUP = ["paradigm=fedllm", "federation.rounds=1", "train.local_steps=1", "data.max_eval_samples=8",
           "eval.max_new_tokens=4"]
-
-
-def warm_up(config: str, overrides: list[str], out: Path) -> None:
-    """One short throwaway run (1 round, 1 step) so that one-time start-up costs (lazy imports, kernel and
-    allocator warm-up, file caches) are not charged to the wall time of whichever variant runs first."""
-    run_dir = out / "_warmup"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    try:
-        Runner(load_config(config, [*overrides, *WARMUP]), run_dir).run()
-        print(f"  warm-up run {time.perf_counter() - t0:.1f} s (untimed)", flush=True)
-    except FedtuneError as exc:
-        print(f"  warm-up run failed (ignored): {exc}", flush=True)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def will_run(run_dir: Path, cfg: RunConfig, fresh: bool) -> bool:
-    return fresh or not ((run_dir / "summary.json").is_file() and same_config(run_dir, cfg))
-
-
-def run_variant(outcome: Outcome, cfg: RunConfig, fresh: bool) -> Outcome:
-    run_dir = Path(outcome.run_dir)
-    summary_path = run_dir / "summary.json"
-    resume = False
-    if run_dir.exists() and not fresh and same_config(run_dir, cfg):
-        if summary_path.is_file():
-            try:
-                outcome.summary = json.loads(summary_path.read_text())
-                outcome.status = "reused"
-                return outcome
-            except (OSError, json.JSONDecodeError):
-                pass
-        elif Checkpointer(run_dir, keep=cfg.checkpoint.keep).exists():
-            resume = True
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    print(f"  {'resuming' if resume else 'running'} {outcome.scenario}/{outcome.variant} -> {run_dir}", flush=True)
-    try:
-        outcome.summary = Runner(cfg, run_dir).run(resume=resume)
-        outcome.status = "resumed" if resume else "ran"
-    except FedtuneError as exc:
-        outcome.status, outcome.error = "failed", str(exc)
-        print(f"  {outcome.scenario}/{outcome.variant} FAILED: {exc}", flush=True)
-    return outcome
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +90,7 @@ def row_of(o: Outcome, central_wall: float | None) -> dict[str, Any]:
     wall = s.get("time", {}).get("wall_s")
     return {
         "variant": o.variant,
-        "scenario": o.scenario,
+        "scenario": o.group,
         "status": o.status,
         "paradigm": paradigm,
         "overrides": o.overrides,
@@ -288,18 +201,12 @@ def comparisons(scenarios: dict[str, dict[str, Any]]) -> tuple[list[str], dict[s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.toml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override applied to every variant (repeatable)")
+    add_run_arguments(parser, config="configs/demo.toml", out="bench/out/split")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list, subset of {','.join(VARIANTS)}")
     parser.add_argument("--cut", type=int, default=3, help="K: client blocks for the split variants (default 3)")
     parser.add_argument("--cut-rank", type=int, default=4, help="R: split.cut_rank for split-rank (default 4)")
     parser.add_argument("--length-alpha", type=float, default=0.1, help="Dirichlet alpha of the length scenario")
     parser.add_argument("--skip-length", action="store_true", help="skip the length-Dirichlet scenario")
-    parser.add_argument("--fresh", action="store_true", help="rerun every variant, even with a matching summary")
-    parser.add_argument("--no-warmup", action="store_true",
-                        help="skip the short untimed warm-up run before the first variant that trains")
-    parser.add_argument("--out", default="bench/out/split")
     args = parser.parse_args()
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -324,29 +231,15 @@ def main() -> int:
 
     outcomes: dict[str, list[Outcome]] = {}
     errors: dict[str, str] = {}
-    warmed = args.no_warmup
+    runner = VariantRunner(args.config, args.set, out, args.fresh, None if args.no_warmup else WARMUP)
     for key, title, names, scenario_overrides in plan:
         print(f"{title}: {', '.join(names)}", flush=True)
         outcomes[key] = []
         for variant in names:
             overrides, notes = variant_overrides(variant, args.cut, args.cut_rank, layers)
-            # scenario and variant settings come after the user's --set so they always apply
-            all_overrides = [*base_overrides, *scenario_overrides, *overrides]
-            outcome = Outcome(variant, key, str(out / key / variant), notes=notes,
-                              overrides=[*args.set, *scenario_overrides, *overrides])
-            try:
-                cfg = load_config(args.config, all_overrides)
-            except FedtuneError as exc:
-                outcome.status, outcome.error = "failed", str(exc)
-                print(f"  {key}/{variant} FAILED (configuration): {exc}", flush=True)
-                outcomes[key].append(outcome)
-                continue
             for note in notes:
                 print(f"  note: {variant}: {note}", flush=True)
-            if not warmed and will_run(Path(outcome.run_dir), cfg, args.fresh):
-                warm_up(args.config, base_overrides, out)
-                warmed = True
-            outcomes[key].append(run_variant(outcome, cfg, args.fresh))
+            outcomes[key].append(runner.run(key, variant, [*scenario_overrides, *overrides], notes))
         failed = [o for o in outcomes[key] if o.status == "failed"]
         if failed and len(failed) == len(outcomes[key]) and len({o.error for o in failed}) == 1:
             errors[key] = failed[0].error  # e.g. the partition cannot be made: one reason for the scenario
@@ -361,8 +254,7 @@ def main() -> int:
     lines_cmp, cmp_data = comparisons(scenarios)
 
     model = next((o.summary["model"] for os_ in outcomes.values() for o in os_ if o.summary), {})
-    reused = [f"{o.scenario}/{o.variant}" for os_ in outcomes.values() for o in os_ if o.status == "reused"]
-    resumed = [f"{o.scenario}/{o.variant}" for os_ in outcomes.values() for o in os_ if o.status == "resumed"]
+    reused, resumed = labels_with(outcomes, "reused"), labels_with(outcomes, "resumed")
     md: list[str] = [
         "# Split-FedLLM benchmark",
         "",
@@ -395,18 +287,11 @@ def main() -> int:
               else ", all measured in this run."),
            "split-adaptive holds split.val_samples per client out of training to score the cut (same steps and batch).",
            ]
-    elapsed = time.perf_counter() - started
-    text = "\n".join(md)
-    print()
-    print(text)
-    print(f"\nbench total {elapsed:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text + "\n")
-    (out / "result.json").write_text(json.dumps({
+    publish(out, md, {
         "args": vars(args), "model": model, "num_layers": layers, "scenarios": scenarios,
         "comparisons": cmp_data, "comparison_lines": lines_cmp, "reused": reused, "resumed": resumed,
-        "central_wall_s": central_wall, "bench_s": elapsed,
-    }, indent=1, default=str))
+        "central_wall_s": central_wall,
+    }, started)
     return 0
 
 

@@ -33,24 +33,18 @@ but no summary is resumed. --fresh reruns everything. Wall times of reused runs 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import RunConfig, load_config
-from fedtune.engine.checkpoint import Checkpointer
-from fedtune.engine.runner import Runner
+from fedtune.config import load_config
 from fedtune.errors import FedtuneError
+from variant_runs import Outcome, VariantRunner, add_run_arguments, labels_with, num_layers, publish
 
 SHAPES = ("standard", "ushape")
 SHAPE_TITLES = {"standard": "standard split", "ushape": "U-shape split"}
 VARIANTS = ("vanilla", "fixed", "bangbang", "ddpg", "fixed+int8", "fixed+int8+residual")
-SMOLLM2_LAYERS = 30
 MB = 1e6
 LOSS_TOLERANCE_PCT = 1.0  # "within 1 % of vanilla"
 TARGETS = {  # shape -> (summary key under comm, label, target reduction %)
@@ -76,34 +70,8 @@ VARIANT_SETS: dict[str, list[str]] = {
 }
 
 
-@dataclass
-class Outcome:
-    variant: str
-    shape: str
-    run_dir: str
-    status: str = "ran"  # ran | reused | resumed | failed
-    summary: dict[str, Any] | None = None
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------------------------------------
 # Configurations
-
-
-def num_layers(cfg: RunConfig) -> int | None:
-    """Transformer blocks of the configured model without loading it (None when unknown)."""
-    if cfg.model.source == "tiny":
-        return cfg.model.tiny.num_layers
-    if cfg.model.source == "smollm2":
-        return SMOLLM2_LAYERS
-    try:
-        from transformers import AutoConfig
-
-        return int(AutoConfig.from_pretrained(cfg.model.path, local_files_only=True).num_hidden_layers)
-    except Exception:  # noqa: BLE001 - unknown: let the run itself report an impossible cut
-        return None
 
 
 def shape_overrides(shape: str, cut: int, layers: int | None) -> tuple[list[str], list[str]]:
@@ -118,73 +86,8 @@ def shape_overrides(shape: str, cut: int, layers: int | None) -> tuple[list[str]
     return ["paradigm=split", "split.ushape=true", f"split.cut={head}", f"split.tail={tail}"], notes
 
 
-def same_config(run_dir: Path, cfg: RunConfig) -> bool:
-    """Whether the run in ``run_dir`` trained with what ``cfg`` would train (keys added to fedtune since it ran
-    take their defaults; runtime settings don't count)."""
-    from fedtune.engine.runner import training_fingerprint
-    from fedtune.errors import ConfigError
-
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        return False
-    try:
-        return training_fingerprint(load_config(path))[0] == training_fingerprint(cfg)[0]
-    except ConfigError:
-        return False
-
-
-def will_run(run_dir: Path, cfg: RunConfig, fresh: bool) -> bool:
-    return fresh or not ((run_dir / "summary.json").is_file() and same_config(run_dir, cfg))
-
-
 WARMUP = ["paradigm=split", "split.ushape=false", "compression.method=none", "compression.codec=none",
           "federation.rounds=1", "train.local_epochs=0.001", "data.max_eval_samples=8", "eval.max_new_tokens=4"]
-
-
-def warm_up(config: str, overrides: list[str], out: Path) -> None:
-    """One short throwaway split run (1 round, 1 step) so that one-time start-up costs (lazy imports, allocator
-    warm-up, file caches) are not charged to the wall time of whichever variant runs first."""
-    run_dir = out / "_warmup"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    try:
-        Runner(load_config(config, [*overrides, *WARMUP]), run_dir).run()
-        print(f"  warm-up run {time.perf_counter() - t0:.1f} s (untimed)", flush=True)
-    except Exception as exc:  # noqa: BLE001 - the warm-up is optional
-        print(f"  warm-up run failed (ignored): {exc}", flush=True)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def run_variant(outcome: Outcome, cfg: RunConfig, fresh: bool) -> Outcome:
-    run_dir = Path(outcome.run_dir)
-    summary_path = run_dir / "summary.json"
-    resume = False
-    if run_dir.exists() and not fresh and same_config(run_dir, cfg):
-        if summary_path.is_file():
-            try:
-                outcome.summary = json.loads(summary_path.read_text())
-                outcome.status = "reused"
-                return outcome
-            except (OSError, json.JSONDecodeError):
-                pass
-        elif Checkpointer(run_dir, keep=cfg.checkpoint.keep).exists():
-            resume = True
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    label = f"{outcome.shape}/{outcome.variant}"
-    print(f"  {'resuming' if resume else 'running'} {label} -> {run_dir}", flush=True)
-    try:
-        outcome.summary = Runner(cfg, run_dir).run(resume=resume)
-        outcome.status = "resumed" if resume else "ran"
-    except FedtuneError as exc:
-        outcome.status, outcome.error = "failed", str(exc)
-        print(f"  {label} FAILED: {exc}", flush=True)
-    except Exception as exc:  # noqa: BLE001 - a bug in one variant must not lose the others' results
-        outcome.status, outcome.error = "failed", f"unexpected {type(exc).__name__}: {exc}"
-        print(f"  {label} FAILED with an unexpected error (a fedtune bug?):", flush=True)
-        traceback.print_exc()
-    return outcome
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +117,7 @@ def row_of(o: Outcome, vanilla_loss: float | None) -> dict[str, Any]:
               for name, c in compression.items()}
     return {
         "variant": o.variant,
-        "shape": o.shape,
+        "shape": o.group,
         "status": o.status,
         "overrides": o.overrides,
         "notes": o.notes,
@@ -354,15 +257,9 @@ def targets(shape: str, rows: list[dict[str, Any]]) -> tuple[list[str], dict[str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/splitcom.toml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override applied to every variant (repeatable)")
+    add_run_arguments(parser, config="configs/splitcom.toml", out="bench/out/splitcom")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list, subset of {','.join(SHAPES)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list, subset of {','.join(VARIANTS)}")
-    parser.add_argument("--fresh", action="store_true", help="rerun every variant, even with a matching summary")
-    parser.add_argument("--no-warmup", action="store_true",
-                        help="skip the short untimed warm-up run before the first variant that trains")
-    parser.add_argument("--out", default="bench/out/splitcom")
     args = parser.parse_args()
 
     def pick(text: str, valid: tuple[str, ...], what: str) -> list[str]:
@@ -385,29 +282,14 @@ def main() -> int:
     layers = num_layers(base)
 
     outcomes: dict[str, list[Outcome]] = {}
-    warmed = args.no_warmup
+    runner = VariantRunner(args.config, args.set, out, args.fresh, None if args.no_warmup else WARMUP)
     for shape in shapes:
         s_overrides, notes = shape_overrides(shape, base.split.cut, layers)
         print(f"{SHAPE_TITLES[shape]}: {', '.join(variants)}", flush=True)
         for note in notes:
             print(f"  note: {note}", flush=True)
-        outcomes[shape] = []
-        for variant in variants:
-            # shape and variant settings come after the user's --set so they always apply
-            overrides = [*s_overrides, *VARIANT_SETS[variant]]
-            outcome = Outcome(variant, shape, str(out / shape / variant), notes=list(notes),
-                              overrides=[*args.set, *overrides])
-            try:
-                cfg = load_config(args.config, [*base_overrides, *overrides])
-            except FedtuneError as exc:
-                outcome.status, outcome.error = "failed", str(exc)
-                print(f"  {shape}/{variant} FAILED (configuration): {exc}", flush=True)
-                outcomes[shape].append(outcome)
-                continue
-            if not warmed and will_run(Path(outcome.run_dir), cfg, args.fresh):
-                warm_up(args.config, base_overrides, out)
-                warmed = True
-            outcomes[shape].append(run_variant(outcome, cfg, args.fresh))
+        outcomes[shape] = [runner.run(shape, variant, [*s_overrides, *VARIANT_SETS[variant]], notes)
+                           for variant in variants]
 
     results: dict[str, dict[str, Any]] = {}
     target_lines: list[str] = []
@@ -421,8 +303,7 @@ def main() -> int:
                           "rows": rows, "target": data}
 
     model = next((o.summary["model"] for os_ in outcomes.values() for o in os_ if o.summary and "model" in o.summary), {})
-    reused = [f"{o.shape}/{o.variant}" for os_ in outcomes.values() for o in os_ if o.status == "reused"]
-    resumed = [f"{o.shape}/{o.variant}" for os_ in outcomes.values() for o in os_ if o.status == "resumed"]
+    reused, resumed = labels_with(outcomes, "reused"), labels_with(outcomes, "resumed")
     c = base.compression
     steps = (f"local epochs {base.train.local_epochs:g}" if base.train.local_epochs is not None
              else f"local steps {base.train.local_steps}")
@@ -462,17 +343,10 @@ def main() -> int:
            "uploads included; exchange: the split interfaces only). Loss vs vanilla: relative change of the final "
            "eval loss against the vanilla run of the same shape. Upload ratio: samples sent / samples offered on the "
            "activations interface, per data epoch."]
-    elapsed = time.perf_counter() - started
-    text = "\n".join(md)
-    print()
-    print(text)
-    print(f"\nbench total {elapsed:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text + "\n")
-    (out / "result.json").write_text(json.dumps({
+    publish(out, md, {
         "args": vars(args), "model": model, "num_layers": layers, "shapes": results,
-        "target_lines": target_lines, "reused": reused, "resumed": resumed, "bench_s": elapsed,
-    }, indent=1, default=str))
+        "target_lines": target_lines, "reused": reused, "resumed": resumed,
+    }, started)
     return 0
 
 

@@ -608,6 +608,5 @@ class Pruner:
         """The FLOPs cost model of the pruned LoRA model at ``rate``, measured (builds one once if needed)."""
         rate = float(rate)
         if rate not in self._costs:
-            peft = self.build(rate)
-            del peft
+            self.build(rate)  # measures the cost; the model is not kept
         return self._costs[rate]

@@ -257,7 +257,7 @@ class SplitFed(Paradigm):
             raise
 
     def _round(self, round: int) -> RoundResult:
-        cfg, L = self.ctx.cfg, self.split.num_layers
+        cfg = self.ctx.cfg
         shared = cfg.split.server_adapter == "shared"
         clients = sample_clients(cfg, round)
         self._sessions_done = 0

@@ -195,7 +195,6 @@ class RayBackend(Backend):
 
     # -- pool ------------------------------------------------------------------------------------
     def _threads(self, cpus: float | None = None) -> int:
-        rt = self.ctx.cfg.runtime
         return rt.threads or max(1, int(rt.cpus_per_client if cpus is None else cpus))
 
     def _worker_env(self) -> dict[str, str]:
