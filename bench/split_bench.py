@@ -15,8 +15,8 @@ partition.alpha=0.1 (SplitFT reports 15-20 % lower perplexity for adaptive cuts 
 
 A variant whose run directory already holds a summary.json written by the same training configuration
 (config.toml; runtime settings don't count) is reused, not rerun (so an interrupted benchmark continues); one
-with a checkpoint of the same configuration but no summary is resumed. --fresh reruns everything. Wall ratios are only strictly
-comparable between variants run in the same invocation; reused ones are marked.
+with a checkpoint of the same configuration but no summary is resumed. --fresh reruns everything. Wall ratios
+are only strictly comparable between variants run in the same invocation; reused ones are marked.
 
     python bench/split_bench.py                                   # SmolLM2 demo config (slow on CPU)
     python bench/split_bench.py --config configs/tiny.toml --out /tmp/splitbench-tiny
