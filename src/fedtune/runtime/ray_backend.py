@@ -195,6 +195,7 @@ class RayBackend(Backend):
 
     # -- pool ------------------------------------------------------------------------------------
     def _threads(self, cpus: float | None = None) -> int:
+        rt = self.ctx.cfg.runtime
         return rt.threads or max(1, int(rt.cpus_per_client if cpus is None else cpus))
 
     def _worker_env(self) -> dict[str, str]:
@@ -254,7 +255,6 @@ class RayBackend(Backend):
 
         from fedtune.paradigms import PARADIGMS
 
-        rt = self.ctx.cfg.runtime
         self._split = hasattr(PARADIGMS.get(self.ctx.cfg.paradigm), "server_side")
         self._actor_cls = ray.remote(RunWorker)
         self._cfg_data = self.ctx.cfg.model_dump(mode="json")
