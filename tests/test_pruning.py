@@ -379,7 +379,7 @@ def pruned_run(tmp_path_factory):
     from fedtune.engine.runner import Runner
 
     out = tmp_path_factory.mktemp("pruned") / "run"
-    cfg = load_config(TINY, ["pruning.rates=[0.5, 0.0, 0.0]"])
+    cfg = load_config(TINY, ["pruning.rates=[0.5, 0.0, 0.0]", "pruning.targets=both"])
     return cfg, out, Runner(cfg, out).run()
 
 
@@ -415,8 +415,8 @@ def test_resume_with_pruning_is_exact(pruned_run, tmp_path):
 
     cfg, reference, ref_summary = pruned_run
     short = tmp_path / "short"
-    assert main(["run", str(TINY), "--set", "pruning.rates=[0.5, 0.0, 0.0]", "--set", "federation.rounds=2",
-                 "--out", str(short)]) == 0
+    assert main(["run", str(TINY), "--set", "pruning.rates=[0.5, 0.0, 0.0]", "--set", "pruning.targets=both",
+                 "--set", "federation.rounds=2", "--out", str(short)]) == 0
     assert main(["run", "--resume", str(short), "--set", "federation.rounds=3",
                  "--set", "pruning.rates=[0.5, 0.0, 0.0]"]) == 0
     summary = json.loads((short / "summary.json").read_text())
@@ -433,7 +433,7 @@ def test_planner_hook_sets_rates_per_round(tmp_path, tiny_config):
     from fedtune.paradigms.fedllm import FedLLM
     from fedtune.progress import RunProgress
 
-    cfg = tiny_config("federation.rounds=2", "train.local_steps=1")
+    cfg = tiny_config("federation.rounds=2", "train.local_steps=1", "pruning.targets=both")
     ctx = build_context(cfg, RunProgress(False), tmp_path)
     paradigm = FedLLM(ctx)
     ctx.pruning_rates = lambda round: {2: 0.75} if round == 1 else None  # a planner: round 1 only
