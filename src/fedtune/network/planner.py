@@ -8,7 +8,8 @@ Client k's round, with share ``b_k`` and pruning rate ``rho_k``:
 (:func:`fedtune.network.channel.uplink_rate`), ``D_k`` unpruned downlink seconds (the broadcast rate). ``c`` and
 ``s`` are the fractions of compute and of adapter bytes a pruned client keeps: ``kc = ks = 1`` is the textbook
 ``1 - rho``; a run measures them on its own model (:func:`fedtune.network.workload.pruning_cuts`), where at
-rho 0.5 a LoRA adapter keeps about 0.72 of its bytes, not 0.5. A round lasts ``max_k t_k``.
+rho 0.5 a SmolLM2 LoRA adapter keeps about 0.77 of its bytes (0.72 with heads pruned too), not 0.5. A round
+lasts ``max_k t_k``.
 Constraints: ``sum b_k <= 1``; ``rho_min_k <= rho_k <= rho_max`` (``rho_min_k``: the least pruning that makes
 the model fit the device's memory); quality: ``mean rho_k <= budget``.
 
