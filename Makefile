@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/fedtune run configs/demo.toml
 
+# The suite in parallel (one pytest worker per core, at most 4), then the Ray tests alone: they are slowed
+# several-fold by competing processes (see tests/test_ray_backend.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 -m "not ray"
+	$(BIN)/python -m pytest -m ray
 
 tiny: $(STAMP)
 	$(BIN)/fedtune run configs/tiny.toml --set runtime.progress=true
