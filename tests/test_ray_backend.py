@@ -115,13 +115,6 @@ def _assert_same_run(a: Path, b: Path, compared: tuple[str, ...] = COMPARED) -> 
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def fedllm_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("inprocess") / "fedllm"
-    _run(out)
-    return out
-
-
 def test_ray_backend_config_errors():
     with pytest.raises(ConfigError, match="runtime.backend"):
         load_config(TINY, ["runtime.backend=dask"])
@@ -168,7 +161,7 @@ def test_lost_turns_are_recorded_and_clients_rejoin(ray_local, tmp_path, monkeyp
     assert lines[1]["uplink_bytes"] < lines[1]["downlink_bytes"]
 
 
-def test_too_few_replies_stop_with_checkpoint_and_resume(ray_local, fedllm_reference, tmp_path, monkeypatch):
+def test_too_few_replies_stop_with_checkpoint_and_resume(ray_local, tmp_path, monkeypatch):
     """min_clients = 3 and client 1's worker dies on every attempt of round 2: the run stops with a clear error and
     a checkpoint of round 1 (although checkpoint.every = 2); resuming reaches the uninterrupted in-process result.
     (Round 1 before the fault and round 2 after the resume ran on Ray undisturbed: FedLLM on Ray equals in-process.)"""
@@ -191,7 +184,8 @@ def test_too_few_replies_stop_with_checkpoint_and_resume(ray_local, fedllm_refer
 
     monkeypatch.setattr(RayBackend, "on_dispatch", None)
     summary = _run(out, *args, resume=True)
-    _assert_same_run(fedllm_reference, out)
+    _run(tmp_path / "inprocess")
+    _assert_same_run(tmp_path / "inprocess", out)
     assert summary["runtime"]["backend"] == "ray" and summary["runtime"]["workers"] == 2
     assert summary["runtime"]["nodes"] == ["127.0.0.1"]
     assert all(not r["rejected"] for r in _metrics(out))
@@ -271,13 +265,6 @@ def _assert_same_splitcom_run(a: Path, b: Path) -> None:
     _assert_close(sa["compression"], sb["compression"], "compression")
 
 
-@pytest.fixture(scope="module")
-def splitcom_ushape_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("inprocess") / "splitcom-ushape"
-    _run(out, *SPLITCOM, *USHAPE, *DDPG_INT8)
-    return out
-
-
 def test_splitcom_on_ray_equals_inprocess(ray_local, tmp_path):
     """Standard split with the fixed controller and a receiver cache that spills to the worker's disk (U-shape with
     DDPG, int8 and residuals: the lost-server test below). The client's caches travel with its sessions, the
@@ -289,8 +276,7 @@ def test_splitcom_on_ray_equals_inprocess(ray_local, tmp_path):
     assert all(c["upload_ratio"] < 1.0 for c in summary["compression"].values() if c["reuse"])  # samples reused
 
 
-def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, splitcom_ushape_reference, tmp_path,
-                                                            monkeypatch):
+def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, tmp_path, monkeypatch):
     """U-shape SplitCom with DDPG, int8 and residuals on all four interfaces. The server's worker dies in round 2:
     the run stops at a checkpoint of round 1 written then (checkpoint.every = 2), with every cache as of round 1 and
     the DDPG controllers rolled back; the resumed run loads the server's caches into a new server worker and ends
@@ -307,7 +293,8 @@ def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, splitcom
     assert (out / "checkpoints" / "latest").read_text() == "round-000001"
     monkeypatch.setattr(RayBackend, "on_dispatch", None)
     summary = _run(out, *args, resume=True)
-    _assert_same_splitcom_run(splitcom_ushape_reference, out)
+    _run(tmp_path / "inprocess", *SPLITCOM, *USHAPE, *DDPG_INT8)
+    _assert_same_splitcom_run(tmp_path / "inprocess", out)
     assert all(c["upload_ratio"] < 1.0 for c in summary["compression"].values() if c["reuse"])  # samples reused
 
 
