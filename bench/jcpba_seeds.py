@@ -27,6 +27,20 @@ def first_round_at(records: list[dict], target: float) -> int | None:
     return hits[0] if hits else None
 
 
+def less_at_each_loss(j: dict, e: dict) -> list[float | None]:
+    """For each round r of equal: % less simulated time for JCPBA to reach equal's eval loss after round r (None:
+    JCPBA never did). One target loss is one point of this curve; the curve shows how much the verdict hangs on it."""
+    out = []
+    for rec in sorted(e["records"], key=lambda r: r["round"]):
+        if rec["round"] == 0 or rec.get("eval_loss") is None:
+            continue
+        e_s = sum(x["sim_s"] for x in e["records"] if 0 < x["round"] <= rec["round"])
+        hit = first_round_at(j["records"], rec["eval_loss"])
+        j_s = None if hit is None else sum(x["sim_s"] for x in j["records"] if 0 < x["round"] <= hit)
+        out.append(None if j_s is None or not e_s else (1 - j_s / e_s) * 100)
+    return out
+
+
 def seed_row(result: dict) -> dict:
     rows = {r["planner"]: r for r in result["rows"]}
     if "jcpba" not in rows or "equal" not in rows:
@@ -38,7 +52,7 @@ def seed_row(result: dict) -> dict:
         "equal_s": e["to_target_s"], "jcpba_s": j["to_target_s"], "less_pct": less,
         "equal_round": first_round_at(e["records"], target), "jcpba_round": first_round_at(j["records"], target),
         "equal_final": e["final_eval_loss"], "jcpba_final": j["final_eval_loss"],
-        "less_total_pct": j["less_total_pct"],
+        "less_total_pct": j["less_total_pct"], "curve": less_at_each_loss(j, e),
         "met": less is not None and less > result["goal_pct"] and j["final_eval_loss"] <= e["final_eval_loss"],
     }
 
@@ -49,14 +63,15 @@ def _f(x, spec: str, none: str = "—") -> str:
 
 def table(rows: list[dict], goal: float) -> list[str]:
     lines = ["| seed | target eval loss | equal: s to target (round) | jcpba: s to target (round) | less time | "
-             "final eval loss equal / jcpba | less time (all rounds) | goal met |",
-             "|---|---|---|---|---|---|---|---|"]
+             "final eval loss equal / jcpba | less time (all rounds) | goal met | less time to equal's loss after "
+             "round 1, 2, ... |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['seed']} | {r['target']:.4f} | {_f(r['equal_s'], '.1f')} ({r['equal_round']}) | "
             f"{_f(r['jcpba_s'], '.1f', 'not reached')} ({_f(r['jcpba_round'], 'd')}) | {_f(r['less_pct'], '.1f')} % | "
             f"{r['equal_final']:.4f} / {r['jcpba_final']:.4f} | {_f(r['less_total_pct'], '.1f')} % | "
-            f"{'yes' if r['met'] else 'no'} |")
+            f"{'yes' if r['met'] else 'no'} | {' / '.join(_f(x, '.0f') for x in r['curve'])} |")
     less = [r["less_pct"] for r in rows if r["less_pct"] is not None]
     lines += ["", f"Goal: > {goal:.0f} % less simulated time to the target than equal, at equal or lower final eval "
               f"loss. Met on {sum(r['met'] for r in rows)} of {len(rows)} seeds"

@@ -15,7 +15,7 @@ from fedtune.federated.strategies import ClientUpdate, weighted_mean
 from fedtune.models.flops import forward_flops, model_cost, train_flops
 from fedtune.models.lora import adapter_state, attach_lora, load_adapter_state
 from fedtune.models.pruning import (
-    Pruner, activation_norms, build_pruned_model, compute_mask, expand_adapter, kept_count, pruned_cost, slice_adapter,
+    Pruner, activation_stats, build_pruned_model, compute_mask, expand_adapter, kept_count, pruned_cost, slice_adapter,
     state_bytes,
 )
 
@@ -298,8 +298,8 @@ def test_a_coordinate_kept_by_one_client_takes_its_value():
 # Activation-aware importance (calibrated)
 
 
-def _reference_norms(model, ids, mask):
-    """Brute force: capture the output projections' inputs and take per-feature norms over unpadded tokens."""
+def _captured_inputs(model, ids, mask):
+    """Brute force: the output projections' inputs over the unpadded tokens, per (block, "mlp" | "attn")."""
     captured = {}
 
     def capture(key):
@@ -313,39 +313,45 @@ def _reference_norms(model, ids, mask):
         model(input_ids=ids, attention_mask=mask)
     for h in hooks:
         h.remove()
-    return {key: x[mask.bool()].pow(2).sum(0).sqrt() for key, x in captured.items()}
+    return {key: x[mask.bool()].float() for key, x in captured.items()}
 
 
-def test_activation_norms_skip_padding_and_ignore_the_adapter():
+def test_activation_stats_skip_padding_and_ignore_the_adapter():
     peft = _lora("llama")
     mask = torch.ones_like(IDS)
     mask[1, 8:] = 0  # padded tail: must not count
-    norms = activation_norms(peft, [{"input_ids": IDS, "attention_mask": mask}])
+    # two batches: the statistics accumulate over both
+    stats = activation_stats(peft, [{"input_ids": IDS[:1], "attention_mask": mask[:1]},
+                                    {"input_ids": IDS[1:], "attention_mask": mask[1:]}])
     with peft.disable_adapter():
-        reference = _reference_norms(peft.get_base_model(), IDS, mask)
-    for (i, key), expected in reference.items():
-        torch.testing.assert_close(norms[i][key], expected.float())
+        reference = _captured_inputs(peft.get_base_model(), IDS, mask)
+    for (i, key), x in reference.items():
+        got = stats[i][key]
+        assert got.count == 20 == x.shape[0]
+        torch.testing.assert_close(got.norm, x.pow(2).sum(0).sqrt())
+        torch.testing.assert_close(got.mean, x.mean(0))
+        torch.testing.assert_close(got.var, x.var(0, unbiased=False), atol=1e-5, rtol=1e-4)
     # the (non-zero) LoRA weights do not change the statistics: they describe the frozen base
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.mul_(10)
-    again = activation_norms(peft, [{"input_ids": IDS, "attention_mask": mask}])
-    for i, block in enumerate(norms):
+    again = activation_stats(peft, [{"input_ids": IDS, "attention_mask": mask}])
+    for i, block in enumerate(stats):
         for key in block:
-            torch.testing.assert_close(again[i][key], block[key])
+            torch.testing.assert_close(again[i][key].sum_sq, block[key].sum_sq)
 
 
 def test_activation_method_keeps_the_channels_the_formula_ranks_highest():
     peft = _gqa_llama()
     batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
-    norms = activation_norms(peft, batches)
-    mask = compute_mask(peft, 0.5, method="activation", targets="both", activations=norms)
+    stats = activation_stats(peft, batches)
+    mask = compute_mask(peft, 0.5, method="activation", targets="both", activations=stats)
     for i, layer in enumerate(peft.model.layers):
-        score = layer.mlp.down_proj.weight.abs().sum(0) * norms[i]["mlp"]  # ||W[:, j]||_1 * ||X_j||_2
+        score = layer.mlp.down_proj.weight.abs().sum(0) * stats[i]["mlp"].norm  # ||W[:, j]||_1 * ||X_j||_2
         expected = torch.sort(torch.topk(score, kept_count(len(score), 0.5)).indices).values
         assert torch.equal(mask.blocks[i].mlp_channels, expected)
-        per_feature = layer.self_attn.o_proj.weight.abs().sum(0) * norms[i]["attn"]
+        per_feature = layer.self_attn.o_proj.weight.abs().sum(0) * stats[i]["attn"].norm
         group_score = per_feature.reshape(2, -1).sum(1)  # 2 KV groups of 4 query heads x head_dim 8
         assert mask.blocks[i].kv_heads.tolist() == [int(group_score.argmax())]
     assert mask != compute_mask(peft, 0.5, method="magnitude", targets="both")
@@ -353,6 +359,54 @@ def test_activation_method_keeps_the_channels_the_formula_ranks_highest():
         Pruner(peft, method="activation")
     pruner = Pruner(peft, method="activation", calibration=lambda: batches)
     assert pruner.mask(0.5).blocks[0].mlp_channels.tolist() == mask.blocks[0].mlp_channels.tolist()
+
+
+def test_fluctuation_method_ranks_by_variance_times_squared_column_norm():
+    peft = _gqa_llama()
+    stats = activation_stats(peft, [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}])
+    mask = compute_mask(peft, 0.5, method="fluctuation", targets="mlp", activations=stats)
+    for i, layer in enumerate(peft.model.layers):
+        score = layer.mlp.down_proj.weight.pow(2).sum(0) * stats[i]["mlp"].var  # ||W[:, j]||_2^2 * Var(X_j)
+        expected = torch.sort(torch.topk(score, kept_count(len(score), 0.5)).indices).values
+        assert torch.equal(mask.blocks[i].mlp_channels, expected)
+    assert not torch.equal(mask.blocks[0].mlp_channels, compute_mask(
+        peft, 0.5, method="activation", targets="mlp", activations=stats).blocks[0].mlp_channels)
+    with pytest.raises(FedtuneError, match="'fluctuation' needs calibration"):
+        compute_mask(peft, 0.5, method="fluctuation", targets="mlp")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compensation_keeps_each_projection_output_mean_on_the_calibration_tokens(arch):
+    peft = _lora(arch)
+    batch = {"input_ids": IDS % 500, "attention_mask": torch.ones_like(IDS)}
+    stats = activation_stats(peft, [batch])
+    plain = compute_mask(peft, 0.5, method="activation", targets="both", activations=stats)
+    comp = compute_mask(peft, 0.5, method="activation", targets="both", activations=stats, compensate=True)
+    assert [b.mlp_channels.tolist() for b in comp.blocks] == [b.mlp_channels.tolist() for b in plain.blocks]
+    base = peft.get_base_model()
+    with peft.disable_adapter():
+        inputs = _captured_inputs(base, batch["input_ids"], batch["attention_mask"]) if arch == "llama" else None
+    pruned, uncompensated = build_pruned_model(peft, comp), build_pruned_model(peft, plain)
+    prefix = "model.layers" if arch == "llama" else "transformer.h"
+    names = {"mlp": "mlp.down_proj", "attn": "self_attn.o_proj"} if arch == "llama" else \
+        {"mlp": "mlp.c_proj", "attn": "attn.c_proj"}
+    for i in range(peft.config.num_hidden_layers):
+        for key, name in names.items():
+            path = f"{prefix}.{i}.{name}"
+            full = base.get_submodule(path).get_base_layer()  # without its LoRA
+            small, bare = pruned.get_submodule(path), uncompensated.get_submodule(path)
+            keep = comp.modules[path].keep_in
+            # the same inputs, as the calibration pass saw them (llama: captured; gpt2: the stats' mean input)
+            x = inputs[(i, key)] if inputs is not None else stats[i][key].mean.reshape(1, -1)
+            with torch.no_grad():
+                want = full(x).mean(0)
+                got, without = small(x[:, keep]).mean(0), bare(x[:, keep]).mean(0)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+            assert (without - want).abs().max() > 100 * (got - want).abs().max()  # what the bias puts back
+    with pytest.raises(FedtuneError, match="compensation needs calibration"):
+        compute_mask(peft, 0.5, targets="both", compensate=True)
+    with pytest.raises(FedtuneError, match="with compensation needs calibration samples"):
+        Pruner(peft, method="magnitude", compensate=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +418,7 @@ def test_config_validation(tiny_config):
     assert cfg.pruning.rates == [0.5, 0.0, 0.25] and cfg.pruning.method == "activation"
     for override, message in [("pruning.rates=[0.95]", r"pruning.rates entries must be in \[0, 0.9\]"),
                               ("pruning.rates=[0.5, 0.1]", "pruning.rates has 2 entries but federation.num_clients = 3"),
-                              ("pruning.method=l1", "unknown pruning method 'l1'; valid choices: activation, magnitude, random"),
+                              ("pruning.method=l1", "unknown pruning method 'l1'; valid choices: activation, fluctuation, magnitude, random"),
                               ("pruning.targets=rows", "pruning.targets")]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(override)
@@ -448,3 +502,24 @@ def test_planner_hook_sets_rates_per_round(tmp_path, tiny_config):
     ctx.pruning_rates = lambda round: [0.95, 0.0, 0.0]
     with pytest.raises(FedtuneError, match="allowed"):
         paradigm.pruning_rate(3, 0)
+
+
+def test_compensated_pruned_client_trains_with_the_bias_and_sends_only_its_adapter(tmp_path, tiny_config):
+    from fedtune.comm.ledger import UP
+    from fedtune.engine.context import build_context
+    from fedtune.paradigms.fedllm import FedLLM
+    from fedtune.progress import RunProgress
+
+    runs = {}
+    for compensate in (False, True):
+        cfg = tiny_config("federation.rounds=1", "train.local_steps=1", "pruning.rates=[0.5, 0.0, 0.0]",
+                          f"pruning.compensate={str(compensate).lower()}")
+        ctx = build_context(cfg, RunProgress(False), tmp_path / str(compensate))
+        paradigm = FedLLM(ctx)
+        down = paradigm.pruner.build(0.5).get_base_model().model.layers[0].mlp.down_proj.get_base_layer()
+        assert (down.bias is not None) == compensate and not any(p.requires_grad for p in down.parameters())
+        paradigm.run_round(1)
+        runs[compensate] = (ctx.ledger.bytes(round=1, client=0, direction=UP), paradigm.global_state)
+    (bytes_plain, plain), (bytes_comp, comp) = runs[False], runs[True]
+    assert bytes_comp == bytes_plain  # the bias is derived locally, never sent
+    assert any(not torch.equal(plain[k], comp[k]) for k in plain)  # and it changes what the pruned client learns

@@ -22,7 +22,7 @@ def tiny_run(tmp_path_factory):
     from conftest import TINY
 
     out = tmp_path_factory.mktemp("run") / "tiny"
-    cfg = load_config(TINY)
+    cfg = load_config(TINY, ["runtime.plots=true"])  # tiny.toml leaves plots off for the rest of the suite
     summary = Runner(cfg, out).run()
     return cfg, out, summary
 
@@ -106,6 +106,9 @@ def test_centralized_reference_runs_on_same_samples(tmp_path, tiny_config):
     # pooling the data costs its real serialized size, once
     lines = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["uplink_bytes"] > 0 and lines[2]["uplink_bytes"] == 0
+    # runtime.plots = false (tiny.toml): no PNG is drawn and the report links none
+    assert not list((tmp_path / "c").glob("*.png"))
+    assert ".png" not in (tmp_path / "c" / "report.md").read_text()
 
 
 def test_diverging_updates_are_rejected_and_reported(tmp_path, tiny_config):

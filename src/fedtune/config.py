@@ -368,8 +368,13 @@ class PruningConfig(Section):
         "each adapter coordinate over the clients that kept it.")
     method: str = Field("activation", description="Importance score deciding what a client keeps: 'activation' "
                         "(Wanda-style: output-projection weight columns x input activation norms on "
-                        "calibration_samples training samples), 'magnitude' (L2 norm of the weights reading and writing "
+                        "calibration_samples training samples), 'fluctuation' (FLAP-style: squared weight columns x "
+                        "input activation variance; the error left after compensate), 'magnitude' (L2 norm of the weights reading and writing "
                         "each channel / KV group) or 'random' (seeded baseline).")
+    compensate: bool = Field(False, description="Give each pruned output projection (MLP down_proj, attention "
+                             "o_proj) a bias equal to the pruned input features' mean contribution on the calibration "
+                             "samples (FLAP's baseline compensation), so a block's output is unchanged on average; "
+                             "pairs with method 'fluctuation'. The bias is a frozen local weight: not trained, not sent.")
     calibration_samples: int = Field(32, ge=1, description="Training samples (a seeded draw, the same for every "
                                      "client) whose activations the 'activation' method measures, once per run.")
     targets: Literal["mlp", "heads", "both"] = Field(
@@ -413,6 +418,9 @@ class RuntimeConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; none = torch default (Ray workers: "
                                 "cpus_per_client, at least 1).")
     progress: bool = Field(True, description="Show rich progress bars.")
+    plots: bool = Field(True, description="Draw the run's eval_loss.png and partition.png (matplotlib; about 2 s "
+                        "a run on a small CPU). false skips both (the report then links neither); `fedtune "
+                        "report RUN_DIR` draws eval_loss.png later.")
     backend: str = Field("inprocess", description="Where client turns run: 'inprocess' (one after another in this "
                          "process, on one shared model) or 'ray' (in parallel on a pool of Ray actors, each holding "
                          "its own copy of the model; same results).")

@@ -190,7 +190,8 @@ class Runner:
         from fedtune.data.partition import format_partition_table, plot_partition
 
         atomic_write(self.out / "partition.json", json.dumps(json_safe(ctx.partition_info), indent=1).encode())
-        plot_partition(ctx.partition_info, self.out / "partition.png")
+        if self.cfg.runtime.plots:
+            plot_partition(ctx.partition_info, self.out / "partition.png")
         if self.cfg.runtime.progress:
             self.console.print(format_partition_table(ctx.partition_info))
 
@@ -207,7 +208,7 @@ class Runner:
         summary["final"]["metrics"] = task_metrics(ctx)
         summary["runtime"] = ctx.backend.info() if ctx.backend is not None else {"backend": self.cfg.runtime.backend}
         atomic_write(self.out / "summary.json", json.dumps(json_safe(summary), indent=1).encode())
-        write_report(self.out)
+        write_report(self.out, plots=self.cfg.runtime.plots)
         return summary
 
     def _summary(self, paradigm: Paradigm, ctx: RunContext, sample: dict[str, str]) -> dict[str, Any]:

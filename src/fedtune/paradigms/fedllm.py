@@ -44,7 +44,7 @@ class FedLLM(Paradigm):
         self.global_state = adapter_state(ctx.model)
         self.streams = [SampleStream(part, cfg.seed, cid) for cid, part in enumerate(ctx.partitions)]
         self.pruner = Pruner(ctx.model, method=cfg.pruning.method, targets=cfg.pruning.targets, seed=cfg.seed,
-                             calibration=self._calibration_batches)
+                             calibration=self._calibration_batches, compensate=cfg.pruning.compensate)
         self.pruning_history: dict[int, list[list[float]]] = {}  # client -> [[round, rate], ...] (rounds with pruning)
 
     def _calibration_batches(self) -> Iterator[dict[str, torch.Tensor]]:

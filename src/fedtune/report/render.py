@@ -278,16 +278,18 @@ def _partition_section(run_dir: Path) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path) -> Path:
-    """(Re)build ``report.md`` and ``eval_loss.png`` in ``run_dir`` from its metrics and summary; return the report path."""
-    from fedtune.report.plots import plot_eval_loss
-
+def write_report(run_dir: Path, plots: bool = True) -> Path:
+    """(Re)build ``report.md`` and (with ``plots``) ``eval_loss.png`` in ``run_dir`` from its metrics and summary;
+    return the report path."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     raw_summary = _read_json(run_dir / "summary.json")
     summary = _fill_from_metrics(raw_summary, metrics)
     name = _run_name(run_dir, summary)
-    plot_eval_loss(metrics, run_dir / "eval_loss.png", title=f"{name}: evaluation loss")
+    if plots:
+        from fedtune.report.plots import plot_eval_loss
+
+        plot_eval_loss(metrics, run_dir / "eval_loss.png", title=f"{name}: evaluation loss")
 
     lines = [f"# fedtune run: {name}", ""]
     if not raw_summary:
@@ -303,7 +305,9 @@ def write_report(run_dir: Path) -> Path:
         lines += [detail + ".", ""]
     lines += ["## Summary", "", *md_table(["Metric", "Value"], [list(r) for r in summary_table(summary)], "lr"), ""]
     lines += ["Sizes use base-1000 units (1 MB = 10^6 bytes).", ""]
-    lines += ["## Evaluation loss", "", "![Evaluation loss](eval_loss.png)", ""]
+    lines += ["## Evaluation loss", ""]
+    if (run_dir / "eval_loss.png").is_file():
+        lines += ["![Evaluation loss](eval_loss.png)", ""]
     lines += _rounds_section(metrics)
     lines += _clients_section(summary.get("clients") or [])
     lines += _sample_section(summary.get("sample") or {})
