@@ -223,7 +223,8 @@ class NetworkConfig(Section):
                                      "(clients' uplink power comes from their device profiles).")
     deadline_s: float | None = Field(None, gt=0, description="Round deadline, simulated seconds: a client finishing "
                                      "later is a straggler, left out of the round's aggregate (FedLLM) and counted; "
-                                     "none = wait for every client.")
+                                     "in FedLLM a client that could not meet it even alone on the whole band is left "
+                                     "out before the round (out of reach). none = wait for every client.")
     rho_max: float = Field(0.5, ge=0, le=0.9, description="Largest pruning rate the planner may give a client.")
     mean_rho_budget: float = Field(0.3, ge=0, le=0.9, description="Quality constraint: the mean pruning rate over a "
                                    "round's clients stays within this.")

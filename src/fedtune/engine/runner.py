@@ -139,7 +139,8 @@ class Runner:
         progress = RunProgress(cfg.runtime.progress, self.console)
         ctx = self._ctx = build_context(cfg, progress, self.out)
         paradigm_cls = PARADIGMS.get(cfg.paradigm)
-        ctx.network = NetworkSim.from_context(ctx, prunes=paradigm_cls.prunes_clients)  # None without a planner
+        ctx.network = NetworkSim.from_context(ctx, prunes=paradigm_cls.prunes_clients,  # None without a planner
+                                              drops_late=paradigm_cls.drops_stragglers)
         self._write_partition(ctx)
         paradigm = paradigm_cls(ctx)
         done = self._restore(paradigm, ctx) if resume else 0

@@ -19,8 +19,10 @@ def planning_network(cfg) -> NetworkSim:
     model = model_skeleton(cfg)
     sizes = client_sample_counts(cfg) if cfg.train.local_epochs is not None else None
     profiles, _ = default_profiles(cfg)
-    prunes = PARADIGMS.get(cfg.paradigm).prunes_clients
-    return NetworkSim(cfg, round_workload(cfg, model, model_cost(model), sizes, prunes), profiles, prunes)
+    paradigm = PARADIGMS.get(cfg.paradigm)
+    prunes = paradigm.prunes_clients
+    return NetworkSim(cfg, round_workload(cfg, model, model_cost(model), sizes, prunes), profiles, prunes,
+                      paradigm.drops_stragglers)
 
 
 def plan_round(cfg, round: int = 1) -> tuple[NetworkSim, RoundPlan, dict[str, float]]:
@@ -56,6 +58,10 @@ def print_plan(cfg, round: int, console: Console) -> None:
                       f"{rp.channel.gain_db[i]:.1f}", f"{plan.share[i]:.3f}", f"{plan.rho[i]:.3f}",
                       _s(plan.compute_s[i]), _s(plan.comm_s[i]), _s(plan.finish_s[i]))
     console.print(table)
+    if rp.left_out:
+        console.print(f"left out of the round (cannot meet network.deadline_s = {net.deadline_s:g} s even alone on "
+                      f"the whole band): client{'s' if len(rp.left_out) > 1 else ''} "
+                      f"{', '.join(map(str, rp.left_out))}")
     ref = latencies.get("equal")
     summary = Table(title="round latency by planner", box=box.SIMPLE_HEAD)
     summary.add_column("planner")

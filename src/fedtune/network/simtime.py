@@ -12,12 +12,18 @@ as long as its slowest client;
 with ``deadline_s``, clients finishing later are stragglers (FedLLM leaves them out of the aggregate) and the
 round lasts until the deadline.
 
+Clients out of reach: where late clients are dropped (FedLLM) and a deadline is set, a sampled client that could not
+meet it even alone on the whole band at ``rho_max`` (a deep fade, say) is left out of the round before it starts:
+the server sends it nothing and does not wait for it, and the plan (band, pruning, the broadcast rate) is made for
+the others. Without this, JCPBA would give a faded, power-limited client nearly all the band, and every client
+would miss the deadline.
+
 Everything is a function of (seed, round, config) and the ledger, so a resumed run gets the same seconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +48,7 @@ class RoundPlan:
     down_rate_bps: float
     problem: PlanProblem
     plan: Plan
+    left_out: list[int] = field(default_factory=list)  # sampled but out of reach of the deadline: not planned
 
     def index(self, cid: int) -> int:
         return self.clients.index(cid)
@@ -108,9 +115,11 @@ def planning_problem(cfg, channel: Channel, state: ChannelState, workload: Workl
 class NetworkSim:
     """The run's simulated wireless network (``ctx.network``); None on the context when ``[network]`` is off."""
 
-    def __init__(self, cfg, workload: Workload, profiles: list[DeviceProfile], prunes: bool = True) -> None:
+    def __init__(self, cfg, workload: Workload, profiles: list[DeviceProfile], prunes: bool = True,
+                 drops_late: bool = False) -> None:
         self.cfg = cfg
         self.prunes = prunes
+        self.drops_late = drops_late  # the paradigm drops stragglers: clients out of reach are left out of rounds
         self.workload = workload
         self.profiles = profiles
         self.channel = Channel(cfg.network, cfg.federation.num_clients, cfg.seed)
@@ -123,10 +132,11 @@ class NetworkSim:
         problem.check()
 
     @classmethod
-    def from_context(cls, ctx, prunes: bool = False) -> "NetworkSim | None":
+    def from_context(cls, ctx, prunes: bool = False, drops_late: bool = False) -> "NetworkSim | None":
         """The run's network, or None without ``[network] planner``. With ``prunes`` (the paradigm applies
         per-client pruning, as FedLLM does) the plan's rates are applied through ``ctx.pruning_rates``, so the
-        FLOPs and bytes charged are those of the pruned models; otherwise the planner only splits the band."""
+        FLOPs and bytes charged are those of the pruned models; otherwise the planner only splits the band. With
+        ``drops_late`` (the paradigm leaves stragglers out) clients out of reach of the deadline are not planned."""
         from fedtune.network.workload import round_workload
 
         cfg = ctx.cfg
@@ -136,7 +146,7 @@ class NetworkSim:
         if defaulted:
             ctx.progress.log(f"network: devices.profiles is not set; every client is a '{DEFAULT_DEVICE}'")
         workload = round_workload(cfg, ctx.model, ctx.cost, [len(p) for p in ctx.partitions], prunes)
-        sim = cls(cfg, workload, profiles, prunes)
+        sim = cls(cfg, workload, profiles, prunes, drops_late)
         sim.ledger = ctx.ledger
         if prunes:
             ctx.pruning_rates = sim.pruning_rates
@@ -144,17 +154,39 @@ class NetworkSim:
 
     # -- planning ----------------------------------------------------------------------------
     def plan(self, round: int, clients: list[int] | None = None) -> RoundPlan:
-        """The plan of ``round`` for ``clients`` (default: the round's sampled clients), solved once."""
+        """The plan of ``round`` for ``clients`` (default: the round's sampled clients), solved once; clients out of
+        reach of the deadline are left out of it (module doc)."""
         clients = sample_clients(self.cfg, round) if clients is None else sorted(clients)
         key = (round, tuple(clients))
         if key not in self._plans:
             for old in [k for k in self._plans if k[0] < round - 1]:
                 del self._plans[old]
-            state = self.channel.draw(round, clients)
+            reachable = self.within_reach(round, clients)
+            state = self.channel.draw(round, reachable)
             problem, down_rate = planning_problem(self.cfg, self.channel, state, self.workload, self.profiles,
                                                   self.prunes)
-            self._plans[key] = RoundPlan(round, clients, state, down_rate, problem, self.planner(problem))
+            left_out = [c for c in clients if c not in reachable]
+            self._plans[key] = RoundPlan(round, reachable, state, down_rate, problem, self.planner(problem), left_out)
         return self._plans[key]
+
+    def within_reach(self, round: int, clients: list[int]) -> list[int]:
+        """``clients`` that could meet ``deadline_s`` in ``round`` alone on the whole band, pruned at ``rho_max``,
+        receiving the broadcast at their own rate (all of them without a deadline, or when late clients are kept)."""
+        deadline = self.cfg.network.deadline_s
+        if deadline is None or not self.drops_late or not clients:
+            return list(clients)
+        state = self.channel.draw(round, clients)
+        problem, _ = planning_problem(self.cfg, self.channel, state, self.workload, self.profiles, self.prunes)
+        rho = np.full(problem.k, problem.rho_max)
+        own_down_s = np.array([8.0 * self.workload.down_bytes / self.channel.downlink_rate(state.gain[i:i + 1])
+                               for i in range(problem.k)])
+        alone = (problem.keep_compute(rho) * problem.compute_s + problem.up_s(np.ones(problem.k), rho)
+                 + problem.keep_bytes(rho) * own_down_s)
+        return [c for c, t in zip(clients, alone) if t <= deadline]
+
+    def left_out(self, round: int) -> list[int]:
+        """The round's sampled clients that its plan leaves out (out of reach of the deadline)."""
+        return self.plan(round).left_out
 
     def pruning_rates(self, round: int) -> dict[int, float]:
         """The plan's rate per sampled client (the shape ``ctx.pruning_rates`` takes)."""
@@ -190,8 +222,10 @@ class NetworkSim:
         """metrics.jsonl fields of a finished round: ``sim_s``, ``stragglers`` and per-client ``sim_clients``."""
         clients = list(result.clients)
         if not clients:
-            return {"sim_s": 0.0, "stragglers": 0, "sim_clients": []}
-        rp = self.plan(round) if sorted(clients) == sample_clients(self.cfg, round) else self.plan(round, clients)
+            return {"sim_s": 0.0, "stragglers": 0, "sim_clients": [], "left_out": len(self.left_out(round))}
+        rp = self.plan(round)
+        if sorted(clients) != rp.clients:
+            rp = self.plan(round, clients)
         applied = dict(zip(clients, result.extra.get("pruning_rates") or [0.0] * len(clients)))
         deadline = self.cfg.network.deadline_s
         rows, finishes, late = [], [], 0
@@ -210,7 +244,8 @@ class NetworkSim:
             })
         sim = float(deadline) if late else float(max(finishes))
         return {"sim_s": sim, "stragglers": int(late), "sim_clients": rows, "planned_s": float(rp.plan.latency_s),
-                "planner": self.cfg.network.planner, "down_rate_bps": float(rp.down_rate_bps)}
+                "planner": self.cfg.network.planner, "down_rate_bps": float(rp.down_rate_bps),
+                "left_out": len(self.left_out(round))}
 
 
 def summarise(records: list[dict], clients: list[dict]) -> dict:
@@ -228,4 +263,5 @@ def summarise(records: list[dict], clients: list[dict]) -> dict:
     for entry in clients:
         entry.update(totals.get(entry["id"], {}))
     return {"planned_s": planned, "energy_j": sum(t["energy_j"] for t in totals.values()),
-            "stragglers": sum(int(r.get("stragglers") or 0) for r in records)}
+            "stragglers": sum(int(r.get("stragglers") or 0) for r in records),
+            "left_out": sum(int(r.get("left_out") or 0) for r in records)}

@@ -30,6 +30,9 @@ class Paradigm:
     federated: bool = True
     #: Whether clients can train a pruned model at a per-round rate (``ctx.pruning_rates``), e.g. from JCPBA.
     prunes_clients: bool = False
+    #: Whether clients missing ``network.deadline_s`` are left out of the round's result (FedLLM's aggregate); then
+    #: clients that cannot meet the deadline at all are not even asked (``ctx.network.left_out``).
+    drops_stragglers: bool = False
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx

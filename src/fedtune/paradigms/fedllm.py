@@ -36,6 +36,7 @@ from fedtune.runtime.base import ClientJob, ClientReply, backend_of
 @PARADIGMS.register("fedllm")
 class FedLLM(Paradigm):
     prunes_clients = True
+    drops_stragglers = True
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -149,8 +150,14 @@ class FedLLM(Paradigm):
         return self._accept(replies.replies[cid])
 
     def run_round(self, round: int) -> RoundResult:
-        clients = sample_clients(self.ctx.cfg, round)
+        network = getattr(self.ctx, "network", None)
+        left_out = network.left_out(round) if network is not None else []
+        clients = [cid for cid in sample_clients(self.ctx.cfg, round) if cid not in left_out]
         out = RoundResult(train_loss=None, clients=clients)
+        for cid in left_out:  # could not meet network.deadline_s even alone on the whole band: not asked
+            out.rejected.append({"client": cid, "reason": "out_of_reach"})
+            self.ctx.progress.log(f"[yellow]round {round}: client {cid} cannot meet network.deadline_s this round "
+                                  "(out of reach): left out")
         updates: list[ClientUpdate] = []
         masks: dict[int, PruneMask] = {}
         jobs = [self.client_job(round, cid) for cid in clients]
