@@ -2,9 +2,10 @@
 
 Each seed redraws the partition, the channels' fading, the LoRA initialisation and the data order, so one seed's
 verdict can hang on one unlucky round (a deep fade). This script reads the ``result.json`` each bench run wrote
-and prints, per seed: the target eval loss, simulated seconds to it for ``equal`` and ``jcpba``, the reduction,
-the round at which each reached it, final eval losses, and whether the goal (> 40 % less time at equal or lower
-eval loss) was met; then the median and the count of seeds that met it.
+and prints, per directory (in the order given): the target eval loss, simulated seconds to it for ``equal`` and
+``jcpba``, the reduction, the round at which each reached it, final eval losses, whether the goal (> 40 % less time
+at equal or lower eval loss) was met, and the reduction to each of equal's per-round losses (one target is one point
+of that curve); then the median and the count of runs that met the goal.
 
     python bench/jcpba_bench.py --target-round 5                                   # seed 0 -> bench/out/jcpba
     python bench/jcpba_bench.py --set seed=1 --planners jcpba,equal --target-round 5 --out bench/out/jcpba-seed1
@@ -62,19 +63,19 @@ def _f(x, spec: str, none: str = "—") -> str:
 
 
 def table(rows: list[dict], goal: float) -> list[str]:
-    lines = ["| seed | target eval loss | equal: s to target (round) | jcpba: s to target (round) | less time | "
+    lines = ["| run | seed | target eval loss | equal: s to target (round) | jcpba: s to target (round) | less time | "
              "final eval loss equal / jcpba | less time (all rounds) | goal met | less time to equal's loss after "
              "round 1, 2, ... |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['seed']} | {r['target']:.4f} | {_f(r['equal_s'], '.1f')} ({r['equal_round']}) | "
+            f"| {r['run']} | {r['seed']} | {r['target']:.4f} | {_f(r['equal_s'], '.1f')} ({r['equal_round']}) | "
             f"{_f(r['jcpba_s'], '.1f', 'not reached')} ({_f(r['jcpba_round'], 'd')}) | {_f(r['less_pct'], '.1f')} % | "
             f"{r['equal_final']:.4f} / {r['jcpba_final']:.4f} | {_f(r['less_total_pct'], '.1f')} % | "
             f"{'yes' if r['met'] else 'no'} | {' / '.join(_f(x, '.0f') for x in r['curve'])} |")
     less = [r["less_pct"] for r in rows if r["less_pct"] is not None]
     lines += ["", f"Goal: > {goal:.0f} % less simulated time to the target than equal, at equal or lower final eval "
-              f"loss. Met on {sum(r['met'] for r in rows)} of {len(rows)} seeds"
+              f"loss. Met in {sum(r['met'] for r in rows)} of {len(rows)} runs"
               + (f"; median reduction {statistics.median(less):.1f} % (range {min(less):.1f} to {max(less):.1f} %)."
                  if less else ".")]
     return [line.replace("— %", "—") for line in lines]
@@ -91,7 +92,7 @@ def main() -> int:
         if not path.is_file():
             parser.error(f"{path}: not found (run bench/jcpba_bench.py --out {d} first)")
         results.append(json.loads(path.read_text()))
-    rows = sorted((seed_row(r) for r in results), key=lambda r: (r["seed"] is None, r["seed"]))
+    rows = [{"run": d.name, **seed_row(r)} for d, r in zip(args.dirs, results)]
     lines = table(rows, results[0]["goal_pct"])
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -370,14 +370,15 @@ class PruningConfig(Section):
     method: str = Field("activation", description="Importance score deciding what a client keeps: 'activation' "
                         "(Wanda-style: output-projection weight columns x input activation norms on "
                         "calibration_samples training samples), 'fluctuation' (FLAP-style: squared weight columns x "
-                        "input activation variance; the error left after compensate), 'magnitude' (L2 norm of the weights reading and writing "
-                        "each channel / KV group) or 'random' (seeded baseline).")
+                        "input activation variance, the error left after compensate), 'magnitude' (L2 norm of the "
+                        "weights reading and writing each channel / KV group) or 'random' (seeded baseline).")
     compensate: bool = Field(False, description="Give each pruned output projection (MLP down_proj, attention "
                              "o_proj) a bias equal to the pruned input features' mean contribution on the calibration "
                              "samples (FLAP's baseline compensation), so a block's output is unchanged on average; "
                              "pairs with method 'fluctuation'. The bias is a frozen local weight: not trained, not sent.")
     calibration_samples: int = Field(32, ge=1, description="Training samples (a seeded draw, the same for every "
-                                     "client) whose activations the 'activation' method measures, once per run.")
+                                     "client) whose activations are measured once per run, for the calibrated "
+                                     "methods ('activation', 'fluctuation') and for compensate.")
     targets: Literal["mlp", "heads", "both"] = Field(
         "mlp", description="What is pruned: MLP channels, attention heads (whole KV groups: a key/value head with its "
         "query heads), or both. Default 'mlp': with few KV groups (SmolLM2: 3) any head pruning drops a whole group, "

@@ -26,7 +26,7 @@ projection gets a bias equal to the pruned features' mean contribution on the ca
 compensation): what is lost is then only each feature's fluctuation around its mean, which ``fluctuation`` ranks.
 On SmolLM2-135M, weight magnitude alone is a poor guide: dropping 5 % of MLP channels by magnitude raises the eval
 loss from 3.21 to 8.49 (random: 3.30), while the activation score keeps it at 3.20 (30 %: 3.42; 50 %: 4.32, and
-3.98 compensated). Masks are a function of (base weights, rate, method, targets, seed,
+3.98 compensated). Masks (biases included) are a function of (base weights, rate, method, targets, seed,
 calibration samples) and are recomputed rather than stored; activations are measured with the adapters disabled,
 so they depend on the frozen base only.
 
