@@ -20,6 +20,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from fedtune.report.comparison import simulated_to_target
+
 
 def first_round_at(records: list[dict], target: float) -> int | None:
     """Round of the first evaluation at or below ``target`` (None: never)."""
@@ -31,13 +33,13 @@ def first_round_at(records: list[dict], target: float) -> int | None:
 def less_at_each_loss(j: dict, e: dict) -> list[float | None]:
     """For each round r of equal: % less simulated time for JCPBA to reach equal's eval loss after round r (None:
     JCPBA never did). One target loss is one point of this curve; the curve shows how much the verdict hangs on it."""
-    out = []
-    for rec in sorted(e["records"], key=lambda r: r["round"]):
+    by_round = lambda records: sorted(records, key=lambda r: r["round"])  # noqa: E731
+    out, e_s = [], 0.0
+    for rec in by_round(e["records"]):
+        e_s += rec["sim_s"]
         if rec["round"] == 0 or rec.get("eval_loss") is None:
             continue
-        e_s = sum(x["sim_s"] for x in e["records"] if 0 < x["round"] <= rec["round"])
-        hit = first_round_at(j["records"], rec["eval_loss"])
-        j_s = None if hit is None else sum(x["sim_s"] for x in j["records"] if 0 < x["round"] <= hit)
+        j_s = simulated_to_target(by_round(j["records"]), rec["eval_loss"])
         out.append(None if j_s is None or not e_s else (1 - j_s / e_s) * 100)
     return out
 
