@@ -45,7 +45,7 @@ GOAL = 40.0  # % less simulated time than 'equal' (to the target loss)
 def planned(cfg, planners: tuple[str, ...], show_round: int) -> tuple[list[str], dict]:
     """Markdown lines of round ``show_round``'s JCPBA plan per client and every planner's planned latency per round
     (nominal workload, model on the meta device), and the same numbers as data."""
-    from fedtune.network.plan_table import planning_network
+    from fedtune.engine.plan_table import planning_network
 
     sim = planning_network(cfg)
     w = sim.workload

@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 from fedtune.config import load_config
+from fedtune.core.progress import RunProgress
 from fedtune.engine.context import build_context
-from fedtune.engine.evaluation import evaluate
 from fedtune.models.pruning import CALIBRATED_METHODS, PRUNING_METHODS, TARGETS, Pruner, build_pruned_model
 from fedtune.paradigms.fedllm import FedLLM
-from fedtune.progress import RunProgress
+from fedtune.training.evaluation import evaluate
 
 RATES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 

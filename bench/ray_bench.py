@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         print(f"FedLLM rounds per minute ({cpus} CPUs for Ray):", flush=True)
         fed = fedllm_rounds([int(c) for c in args.clients.split(",")], args.rounds, args.steps, work, args.set)
-        from fedtune.runtime.ray_backend import release_parked
+        from fedtune.runtime.ray_pool import release_parked
 
         release_parked()
         print("Split exchange per step:", flush=True)

@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import load_config
-from fedtune.errors import FedtuneError
 from variant_runs import Outcome, VariantRunner, add_run_arguments, labels_with, num_layers, publish
+
+from fedtune.config import load_config
+from fedtune.core.errors import FedtuneError
 
 VARIANTS = ("centralized", "fedllm", "split-fixed", "split-adaptive", "split-rank", "split-ushape")
 LENGTH_VARIANTS = ("split-fixed", "split-adaptive")

@@ -38,9 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import load_config
-from fedtune.errors import FedtuneError
 from variant_runs import Outcome, VariantRunner, add_run_arguments, labels_with, num_layers, publish
+
+from fedtune.config import load_config
+from fedtune.core.errors import FedtuneError
 
 SHAPES = ("standard", "ushape")
 SHAPE_TITLES = {"standard": "standard split", "ushape": "U-shape split"}

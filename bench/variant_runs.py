@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig, load_config
+from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.engine.checkpoint import Checkpointer
 from fedtune.engine.runner import Runner, training_fingerprint
-from fedtune.errors import ConfigError, FedtuneError
 
 SMOLLM2_LAYERS = 30
 

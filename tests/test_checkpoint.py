@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedtune.core.errors import CheckpointError
 from fedtune.engine.checkpoint import Checkpointer
-from fedtune.errors import CheckpointError
 
 
 def test_save_load_round_trip_and_keep(tmp_path):

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from fedtune.cli import main
+from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.engine import compare as compare_mod
 from fedtune.engine.compare import ComparisonPlan, Sweep, run_comparison
-from fedtune.errors import ConfigError, FedtuneError
 from fedtune.report.comparison import bytes_to_target, default_target, simulated_to_target
 
 FAST = ["federation.rounds=1", "train.local_steps=2", "eval.metric=none", "kd.public_samples=16",
@@ -29,7 +29,27 @@ def test_sweep_parsing_aliases_and_errors():
     with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
         Sweep.parse("clients")
     assert Sweep("kd.topk", ("4",)).affects("kd") and not Sweep("kd.topk", ("4",)).affects("fedllm")
-    assert Sweep("split.cut_layer", ("1",)).affects("split") and Sweep("lora.r", ("4",)).affects("fedllm")
+    assert Sweep("split.cut", ("1",)).affects("split") and Sweep("lora.r", ("4",)).affects("fedllm")
+
+
+def test_every_sweep_alias_names_a_real_key_and_runs(tmp_path):
+    from fedtune.config import describe_fields, load_config
+
+    assert set(compare_mod.SWEEP_ALIASES.values()) <= {key for key, _, _ in describe_fields()}
+    values = {"clients": "3", "alpha": "5.0", "rank": "4", "cut": "1", "topk": "4"}
+    assert set(values) == set(compare_mod.SWEEP_ALIASES)
+    plan = _plan(paradigms=["split", "kd"], baselines=False,
+                 sweeps=[Sweep.parse(f"{alias}={value}") for alias, value in values.items()])
+    run_comparison(plan, tmp_path / "aliases")
+    for paradigm in ("split", "kd"):
+        run_dir = next((tmp_path / "aliases" / "runs").glob(f"{paradigm},*"))
+        assert (run_dir / "summary.json").is_file()
+        cfg = load_config(run_dir / "config.toml")
+        for alias, value in values.items():
+            sweep = Sweep.parse(f"{alias}={value}")
+            if sweep.affects(paradigm):
+                section, key = sweep.key.split(".")
+                assert float(getattr(getattr(cfg, section), key)) == float(value), (paradigm, alias)
 
 
 def test_bytes_to_target_is_the_cumulative_total_at_the_first_eval_reaching_it():

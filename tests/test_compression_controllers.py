@@ -9,12 +9,15 @@ import torch
 
 from fedtune.compression.controllers import (
     CONTROLLERS,
-    ControllerSettings,
+    BangBangSettings,
+    DDPGController,
+    DDPGHyper,
+    DDPGSettings,
     SessionObservation,
     ThresholdController,
     make_controller,
 )
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 
 def roundtrip(state: dict) -> dict:
@@ -24,14 +27,14 @@ def roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-def toy_obs(theta: float, cfg: ControllerSettings, step: int, total: int) -> SessionObservation:
+def toy_obs(theta: float, cfg: DDPGSettings, step: int, total: int) -> SessionObservation:
     """Uploads grow linearly with theta over [theta_min, theta_max]; the loss barely moves."""
     ratio = (theta - cfg.theta_min) / (cfg.theta_max - cfg.theta_min)
     return SessionObservation(train_loss=2.0 - 0.1 * ratio, upload_ratio=ratio,
                               bytes_sent=int(1000 * ratio), bytes_full=1000, progress=step / total)
 
 
-def drive(ctrl: ThresholdController, cfg: ControllerSettings, start: int, stop: int, total: int) -> list[float]:
+def drive(ctrl: ThresholdController, cfg: DDPGSettings, start: int, stop: int, total: int) -> list[float]:
     thetas = []
     for step in range(start, stop):
         theta = ctrl.start_session()
@@ -43,25 +46,24 @@ def drive(ctrl: ThresholdController, cfg: ControllerSettings, start: int, stop: 
 def test_registry_names_and_unknown():
     assert {"fixed", "bangbang", "ddpg"} <= set(CONTROLLERS.names())
     with pytest.raises(ConfigError, match="bangbang"):
-        make_controller(ControllerSettings(name="nope"), seed=0)
+        make_controller("nope", 0.999, seed=0)
 
 
 def test_fixed_is_constant():
-    cfg = ControllerSettings(name="fixed", theta=0.995)
-    ctrl = make_controller(cfg, seed=0)
+    ctrl = make_controller("fixed", 0.995, seed=0)
     for i in range(5):
         assert ctrl.start_session() == 0.995
         ctrl.end_session(SessionObservation(1.0 + i, 0.5, 10, 20, i / 5))
         ctrl.observe_eval(10.0 * (i + 1))
     assert ctrl.theta == 0.995
-    again = make_controller(cfg, seed=1)
+    again = make_controller("fixed", 0.999, seed=1)
     again.load_state_dict(roundtrip(ctrl.state_dict()))
     assert again.theta == 0.995
 
 
 def test_bangbang_switches_on_ppl_rise_and_back():
-    cfg = ControllerSettings(name="bangbang", theta_low=0.99, theta_high=0.9999, tolerance=0.01)
-    ctrl = make_controller(cfg, seed=0)
+    cfg = BangBangSettings(theta_low=0.99, theta_high=0.9999, tolerance=0.01)
+    ctrl = make_controller("bangbang", 0.999, seed=0, settings=cfg)
     assert ctrl.start_session() == 0.99
     ctrl.observe_eval(100.0)  # first eval only records
     assert ctrl.theta == 0.99
@@ -69,7 +71,7 @@ def test_bangbang_switches_on_ppl_rise_and_back():
     assert ctrl.theta == 0.99
     ctrl.observe_eval(102.0)  # +1.5 %: strict
     assert ctrl.start_session() == 0.9999
-    resumed = make_controller(cfg, seed=0)
+    resumed = make_controller("bangbang", 0.999, seed=0, settings=cfg)
     resumed.load_state_dict(roundtrip(ctrl.state_dict()))
     for c in (ctrl, resumed):
         c.observe_eval(101.0)  # fell: lax again
@@ -79,9 +81,9 @@ def test_bangbang_switches_on_ppl_rise_and_back():
 
 
 def test_ddpg_actions_in_range_and_learns_low_bytes():
-    cfg = ControllerSettings(name="ddpg", theta_min=0.9, theta_max=1.0, lam=10.0, sigma=0.3,
-                             actor_lr=3e-3, critic_lr=3e-3, batch_size=8, updates_per_session=4)
-    ctrl = make_controller(cfg, seed=3)
+    cfg = DDPGSettings(theta_min=0.9, theta_max=1.0, ddpg_lambda=10.0, ddpg_sigma=0.3)
+    ctrl = DDPGController(0.999, cfg, seed=3, hyper=DDPGHyper(actor_lr=3e-3, critic_lr=3e-3, batch_size=8,
+                                                             updates_per_session=4))
     total = 80
     thetas = drive(ctrl, cfg, 0, total, total)
     assert all(cfg.theta_min <= t <= cfg.theta_max for t in thetas)
@@ -91,15 +93,15 @@ def test_ddpg_actions_in_range_and_learns_low_bytes():
 
 
 def test_ddpg_resume_is_bit_identical():
-    cfg = ControllerSettings(name="ddpg", buffer_size=16, batch_size=4, updates_per_session=2)
+    cfg, hyper = DDPGSettings(), DDPGHyper(buffer_size=16, batch_size=4, updates_per_session=2)
     total = 30
-    straight = make_controller(cfg, seed=7)
+    straight = DDPGController(0.999, cfg, seed=7, hyper=hyper)
     expected = drive(straight, cfg, 0, total, total)
 
-    first = make_controller(cfg, seed=7)
+    first = DDPGController(0.999, cfg, seed=7, hyper=hyper)
     head = drive(first, cfg, 0, 20, total)  # the buffer has wrapped around by now
     theta = first.start_session()  # checkpoint mid-session too
-    resumed = make_controller(cfg, seed=99)
+    resumed = DDPGController(0.999, cfg, seed=99, hyper=hyper)
     resumed.load_state_dict(roundtrip(first.state_dict()))
     assert resumed.theta == theta
     resumed.end_session(toy_obs(theta, cfg, 20, total))
@@ -108,22 +110,37 @@ def test_ddpg_resume_is_bit_identical():
 
 
 def test_ddpg_seeded_and_global_rng_untouched():
-    cfg = ControllerSettings(name="ddpg", batch_size=2)
+    cfg, hyper = DDPGSettings(), DDPGHyper(batch_size=2)
     torch.manual_seed(1234)
     before = torch.get_rng_state()
-    a = make_controller(cfg, seed=5)
+    a = DDPGController(0.999, cfg, seed=5, hyper=hyper)
     run_a = drive(a, cfg, 0, 6, 6)
     a.observe_eval(12.0)
     a.load_state_dict(roundtrip(a.state_dict()))
     assert torch.equal(torch.get_rng_state(), before)
-    b = make_controller(cfg, seed=5)
+    b = DDPGController(0.999, cfg, seed=5, hyper=hyper)
     assert drive(b, cfg, 0, 6, 6) == run_a
-    c = make_controller(cfg, seed=6)
+    c = DDPGController(0.999, cfg, seed=6, hyper=hyper)
     assert drive(c, cfg, 0, 6, 6) != run_a
     assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_ddpg_end_without_start_fails():
-    ctrl = make_controller(ControllerSettings(name="ddpg"), seed=0)
+    ctrl = make_controller("ddpg", 0.999, seed=0)
     with pytest.raises(RuntimeError):
         ctrl.end_session(SessionObservation(1.0, 1.0, 1, 1, 0.0))
+
+
+def test_controller_settings_are_validated_by_their_controller(tiny_config):
+    """Each controller's keys live in [compression], validated by the controller's own table."""
+    cfg = tiny_config("paradigm=split", "compression.method=splitcom", "compression.controller=ddpg",
+                      "compression.ddpg_sigma=0.2")
+    assert cfg.compression.controller_settings() == DDPGSettings(ddpg_sigma=0.2)
+    assert cfg.compression.model_dump()["theta_low"] == BangBangSettings().theta_low  # every default is dumped
+    with pytest.raises(ConfigError, match=r"compression.theta_min \(0.9\) must be below compression.theta_max"):
+        tiny_config("compression.theta_min=0.9", "compression.theta_max=0.8")
+    with pytest.raises(ConfigError, match=r"compression.ddpg_sigma: Input should be greater than or equal to 0"):
+        tiny_config("compression.ddpg_sigma=-1")
+    with pytest.raises(ConfigError, match=r"unknown key 'compression.sigma'; valid keys in \[compression\]: method, "
+                                          r".*theta_low, theta_high, tolerance, theta_min"):
+        tiny_config("compression.sigma=0.2")

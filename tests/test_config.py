@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY
 
 from fedtune.cli import main
 from fedtune.config import RunConfig, describe_fields, load_config
-from fedtune.errors import ConfigError
-
-from conftest import TINY
+from fedtune.core.errors import ConfigError
 
 
 def test_tiny_config_loads_and_overrides_apply():

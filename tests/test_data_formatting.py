@@ -7,8 +7,8 @@ import pytest
 import torch
 from data_helpers import tiny_tokenizer
 
+from fedtune.core.errors import DataError
 from fedtune.data.formatting import IGNORE_INDEX, build_example, collate, format_prompt, tokenize_examples
-from fedtune.errors import DataError
 
 
 @pytest.fixture(scope="module")

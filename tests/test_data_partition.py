@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedtune.config import PartitionConfig
+from fedtune.core.errors import PartitionError
 from fedtune.data.partition import (
     PARTITIONERS,
     LengthDirichletPartitioner,
@@ -20,7 +21,6 @@ from fedtune.data.partition import (
     partition_summary,
     plot_partition,
 )
-from fedtune.errors import PartitionError
 
 METHODS = ["iid", "dirichlet", "natural_id", "length_dirichlet"]
 

@@ -9,8 +9,8 @@ import datasets
 import pytest
 
 from fedtune.config import DataConfig
+from fedtune.core.errors import ConfigError, DataError
 from fedtune.data.sources import DATASETS, load_splits, parse_mr
-from fedtune.errors import ConfigError, DataError
 
 
 @pytest.fixture(autouse=True)

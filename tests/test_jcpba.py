@@ -8,16 +8,23 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY
 from scipy.optimize import differential_evolution, minimize
 
 from fedtune.cli import main
 from fedtune.engine.runner import Runner
 from fedtune.network.channel import dbm_to_w, uplink_rate
 from fedtune.network.devices import PRESETS
-from fedtune.network.planner import (BASELINES, PLANNERS, PlanError, PlanProblem, bandwidth_step,
-                                     least_pruning, pruning_step, shares_for_deadline)
-
-from conftest import TINY
+from fedtune.network.planner import (
+    BASELINES,
+    PLANNERS,
+    PlanError,
+    PlanProblem,
+    bandwidth_step,
+    least_pruning,
+    pruning_step,
+    shares_for_deadline,
+)
 
 
 def random_problem(rng: np.random.Generator, k: int, **kw) -> PlanProblem:
@@ -333,7 +340,7 @@ def test_clients_missing_the_deadline_are_dropped_and_counted(tmp_path, tiny_con
 
 
 def test_a_client_out_of_reach_of_the_deadline_is_left_out_before_the_round(tmp_path, tiny_config, capsys):
-    from fedtune.network.plan_table import planning_network
+    from fedtune.engine.plan_table import planning_network
     from fedtune.network.simtime import planning_problem
 
     # client 0 is 30 km away: even alone on the whole band its upload takes far longer than the 1 s deadline
@@ -373,7 +380,7 @@ def test_plan_command_prints_the_table_without_training(capsys, tmp_path):
 
 
 def test_plan_command_matches_the_runs_plan(network_run):
-    from fedtune.network.plan_table import plan_round
+    from fedtune.engine.plan_table import plan_round
 
     cfg, out, _ = network_run
     _, rp, latencies = plan_round(cfg, round=1)
@@ -386,7 +393,7 @@ def test_plan_command_matches_the_runs_plan(network_run):
 
 def test_the_planner_models_pruning_with_the_costs_of_the_pruned_models_the_run_trained(network_run):
     """Workload cuts are fitted on weightless pruned copies before training; the run measures the real ones."""
-    from fedtune.network.plan_table import planning_network
+    from fedtune.engine.plan_table import planning_network
 
     cfg, _, summary = network_run
     w = planning_network(cfg).workload

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from fedtune.comm.messages import encode
 from fedtune.comm.transport import Transport
+from fedtune.core.errors import ConfigError
 from fedtune.engine.runner import Runner
-from fedtune.errors import ConfigError
 from fedtune.kd.aggregation import aggregate_logits
 from fedtune.kd.distill import check_tokenizers, distill_loss
 
@@ -169,19 +169,21 @@ def test_kd_end_to_end(tmp_path, tiny_config, upload_tap):
 
 
 def test_public_set_is_removed_from_partitions(tiny_config, tmp_path):
+    """The context leaves the public set out of every partition, so partition.json and planning never count it."""
+    from fedtune.core.progress import RunProgress
     from fedtune.engine.context import build_context
     from fedtune.paradigms.kd import KDFed
-    from fedtune.progress import RunProgress
 
     cfg = tiny_config(*FAST)
-    ctx = build_context(cfg, RunProgress(False), tmp_path)
-    before = sum(len(p) for p in ctx.partitions)
+    reference = build_context(tiny_config(*FAST, "paradigm=fedllm"), RunProgress(False), tmp_path / "fedllm")
+    ctx = build_context(cfg, RunProgress(False), tmp_path / "kd")
     kd = KDFed(ctx)
-    assert sum(len(p) for p in ctx.partitions) == before - 16
-    assert not set(kd.public_ids) & {i for p in ctx.partitions for i in p}
-    ctx = build_context(cfg, RunProgress(False), tmp_path)
-    ctx.cfg.kd.public_samples = len(ctx.train_samples) - 1  # leaves one private sample for three clients
-    with pytest.raises(ConfigError, match="no private"):
+    assert len(kd.public_ids) == 16 and ctx.partition_info["reserved_rows"] == 16
+    assert [sorted(set(p) - set(kd.public_ids)) for p in reference.partitions] == ctx.partitions
+    assert sum(c["num_samples"] for c in ctx.partition_info["clients"]) == len(ctx.train_samples) - 16
+    n = len(ctx.train_samples)
+    ctx = build_context(tiny_config(*FAST, f"kd.public_samples={n - 1}"), RunProgress(False), tmp_path / "big")
+    with pytest.raises(ConfigError, match="no private"):  # one private sample left for three clients
         KDFed(ctx)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models_helpers import tiny
 
 from fedtune.config import load_config
+from fedtune.core.errors import ConfigError
 from fedtune.data.references import reference_sets
-from fedtune.errors import ConfigError
 from fedtune.metrics.task import normalize_answer, resolve_metric, score
 from fedtune.models.generation import generate_answer, generate_answers
-from models_helpers import tiny
 
 
 def test_bleu_rouge_perfect_and_disjoint():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from models_helpers import tiny
 
 from fedtune.config import LoraConfig
 from fedtune.models.flops import forward_flops, model_cost, train_flops
 from fedtune.models.lora import attach_lora
-from models_helpers import tiny
 
 D, FF, L, V, SEQ = 64, 128, 4, 512, 32
 LLAMA_BLOCK = 4 * D * D + 3 * D * FF  # q,k,v,o + gate,up,down (norms and biases excluded)

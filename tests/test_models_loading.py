@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from models_helpers import ARCHS, tiny
 
 from fedtune.config import LoraConfig, ModelConfig
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 from fedtune.models import loading
 from fedtune.models.generation import generate_answer
 from fedtune.models.loading import cache_dir, load_model, resolve_device
 from fedtune.models.lora import attach_lora
 from fedtune.models.tokenizer import tiny_tokenizer
-from models_helpers import ARCHS, tiny
 
 USER_SMOLLM2 = Path.home() / ".cache" / "fedtune" / loading.SMOLLM2_DIR
 

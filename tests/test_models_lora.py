@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from models_helpers import ARCHS, tiny
 
 from fedtune.config import LoraConfig
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 from fedtune.models.lora import adapter_state, attach_lora, load_adapter_state, trainable_parameters
-from models_helpers import ARCHS, tiny
 
 
 def lora_model(arch: str = "llama", seed: int = 0, **fields):

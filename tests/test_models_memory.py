@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models_helpers import tiny
 
 from fedtune.config import LoraConfig
 from fedtune.models.lora import attach_lora, trainable_parameters
 from fedtune.models.memory import MemoryMeter
-from models_helpers import tiny
 
 
 def measure(batch_size: int, device: torch.device, steps: int = 2) -> MemoryMeter:

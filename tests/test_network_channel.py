@@ -6,13 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 from fedtune.config import load_config
-from fedtune.errors import ConfigError
-from fedtune.network.channel import (Channel, dbm_to_w, path_loss_db, rate_slope, share_for_rate,
-                                     uplink_rate)
-
-from conftest import TINY
+from fedtune.core.errors import ConfigError
+from fedtune.network.channel import Channel, dbm_to_w, path_loss_db, rate_slope, share_for_rate, uplink_rate
 
 
 def test_rate_matches_hand_computation():

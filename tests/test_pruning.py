@@ -7,19 +7,25 @@ import json
 
 import pytest
 import torch
+from models_helpers import ARCHS, tiny
 
 from fedtune.config import LoraConfig
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.federated.masked import coverage_fraction, masked_fedavg
 from fedtune.federated.strategies import ClientUpdate, weighted_mean
 from fedtune.models.flops import forward_flops, model_cost, train_flops
 from fedtune.models.lora import adapter_state, attach_lora, load_adapter_state
 from fedtune.models.pruning import (
-    Pruner, activation_stats, build_pruned_model, compute_mask, expand_adapter, kept_count, pruned_cost, slice_adapter,
+    Pruner,
+    activation_stats,
+    build_pruned_model,
+    compute_mask,
+    expand_adapter,
+    kept_count,
+    pruned_cost,
+    slice_adapter,
     state_bytes,
 )
-
-from models_helpers import ARCHS, tiny
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -429,6 +435,7 @@ def test_config_validation(tiny_config):
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
     from conftest import TINY
+
     from fedtune.config import load_config
     from fedtune.engine.runner import Runner
 
@@ -463,9 +470,10 @@ def test_fedllm_run_with_a_pruned_client(pruned_run):
 
 def test_resume_with_pruning_is_exact(pruned_run, tmp_path):
     """A 2-round run extended to 3 rounds on resume reaches the uninterrupted 3-round result."""
-    from fedtune.cli import main
     from conftest import TINY
     from safetensors.torch import load_file
+
+    from fedtune.cli import main
 
     cfg, reference, ref_summary = pruned_run
     short = tmp_path / "short"
@@ -481,34 +489,39 @@ def test_resume_with_pruning_is_exact(pruned_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_planner_hook_sets_rates_per_round(tmp_path, tiny_config):
+def test_planned_rates_are_applied_per_round(tmp_path, tiny_config):
+    """FedLLM asks the run's network for each round's planned rates and trains each client's pruned model at its."""
     from fedtune.comm.ledger import DOWN, UP
+    from fedtune.core.progress import RunProgress
     from fedtune.engine.context import build_context
     from fedtune.paradigms.fedllm import FedLLM
-    from fedtune.progress import RunProgress
 
-    cfg = tiny_config("federation.rounds=2", "train.local_steps=1", "pruning.targets=both")
+    cfg = tiny_config("federation.rounds=2", "train.local_steps=1", "pruning.targets=both", "network.planner=jcpba",
+                      "devices.profiles=['phone', 'laptop', 'workstation']")
     ctx = build_context(cfg, RunProgress(False), tmp_path)
     paradigm = FedLLM(ctx)
-    ctx.pruning_rates = lambda round: {2: 0.75} if round == 1 else None  # a planner: round 1 only
-    assert paradigm.pruning_rate(1, 2) == 0.75 and paradigm.pruning_rate(1, 0) == 0.0
-    assert paradigm.pruning_rate(2, 2) == 0.0  # None -> the config (no pruning)
-    result = paradigm.run_round(1)
-    assert result.extra["pruning_rates"] == [0.0, 0.0, 0.75]
-    assert ctx.ledger.bytes(round=1, client=2, direction=UP) < 0.7 * ctx.ledger.bytes(round=1, client=0, direction=UP)
-    assert ctx.ledger.bytes(round=1, client=2, direction=DOWN) < ctx.ledger.bytes(round=1, client=0, direction=DOWN)
+    for round in (1, 2):
+        planned = ctx.network.pruning_rates(round)
+        assert {c: paradigm.pruning_rate(round, c) for c in planned} == planned
+        result = paradigm.run_round(round)
+        assert result.extra.get("pruning_rates", [0.0] * 3) == [planned[c] for c in result.clients]
+        pruned = [c for c in result.clients if planned[c] > 0]
+        full = [c for c in result.clients if planned[c] == 0]
+        for p in pruned:  # a pruned client's adapter is smaller both ways
+            for f in full:
+                assert ctx.ledger.bytes(round=round, client=p, direction=UP) < ctx.ledger.bytes(
+                    round=round, client=f, direction=UP)
+                assert ctx.ledger.bytes(round=round, client=p, direction=DOWN) < ctx.ledger.bytes(
+                    round=round, client=f, direction=DOWN)
+    assert paradigm.pruning_history, "the phone is pruned in some round"
     assert all(v.shape == paradigm.global_state[k].shape for k, v in adapter_state(ctx.model).items())
-    assert "pruning_rates" not in paradigm.run_round(2).extra
-    ctx.pruning_rates = lambda round: [0.95, 0.0, 0.0]
-    with pytest.raises(FedtuneError, match="allowed"):
-        paradigm.pruning_rate(3, 0)
 
 
 def test_compensated_pruned_client_trains_with_the_bias_and_sends_only_its_adapter(tmp_path, tiny_config):
     from fedtune.comm.ledger import UP
+    from fedtune.core.progress import RunProgress
     from fedtune.engine.context import build_context
     from fedtune.paradigms.fedllm import FedLLM
-    from fedtune.progress import RunProgress
 
     runs = {}
     for compensate in (False, True):

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, TINY
+from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
 
@@ -33,11 +32,12 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 from fedtune.config import load_config  # noqa: E402
+from fedtune.core.errors import ClientQuorumError, ConfigError, ServerLostError  # noqa: E402
 from fedtune.engine.checkpoint import Checkpointer  # noqa: E402
-from fedtune.engine.client_data import SampleStream  # noqa: E402
 from fedtune.engine.runner import Runner  # noqa: E402
-from fedtune.errors import ClientQuorumError, ConfigError, ServerLostError  # noqa: E402
-from fedtune.runtime.ray_backend import RayBackend, release_parked  # noqa: E402
+from fedtune.runtime.ray_backend import RayBackend  # noqa: E402
+from fedtune.runtime.ray_pool import release_parked  # noqa: E402
+from fedtune.training.streams import SampleStream  # noqa: E402
 
 FAST = ("runtime.progress=false", "eval.metric=none", "federation.rounds=2", "train.local_steps=4")
 RAY = ("runtime.backend=ray", "runtime.workers=2")
@@ -225,7 +225,7 @@ def test_split_lost_client_worker_and_lost_server_worker(ray_local, tmp_path, mo
         if (job.round, job.client) == (1, 1):
             ray.kill(worker.actor, no_restart=True)
         if (job.round, job.client) == (2, 1):
-            ray.kill(backend._server.actor, no_restart=True)
+            ray.kill(backend.pool.server.actor, no_restart=True)
 
     monkeypatch.setattr(RayBackend, "on_dispatch", kill)
     out = tmp_path / "split"
@@ -283,7 +283,7 @@ def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, tmp_path
     as the uninterrupted in-process run (round 1 before the fault and round 2 after ran on Ray undisturbed)."""
     def kill_server(backend, job, worker):
         if (job.round, job.client) == (2, 1):
-            ray.kill(backend._server.actor, no_restart=True)
+            ray.kill(backend.pool.server.actor, no_restart=True)
 
     monkeypatch.setattr(RayBackend, "on_dispatch", kill_server)
     out = tmp_path / "splitcom"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 from fedtune.report.plots import plot_comparison, plot_eval_loss
 from fedtune.report.render import (
     format_bytes,

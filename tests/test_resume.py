@@ -10,11 +10,10 @@ import sys
 import time
 
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 
 from fedtune.cli import main
-
-from conftest import TINY
 
 ARGS = ["--set", "federation.rounds=5", "--set", "federation.clients_per_round=2",
         "--set", "federation.strategy=fedadam"]

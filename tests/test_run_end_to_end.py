@@ -11,15 +11,16 @@ from safetensors.torch import load_file
 
 from fedtune.cli import main
 from fedtune.comm.messages import Message, encode
+from fedtune.core.errors import CheckpointError, FedtuneError
 from fedtune.engine.runner import Runner
-from fedtune.errors import CheckpointError, FedtuneError
 from fedtune.models.loading import load_model, resolve_device
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from fedtune.config import load_config
     from conftest import TINY
+
+    from fedtune.config import load_config
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     cfg = load_config(TINY, ["runtime.plots=true"])  # tiny.toml leaves plots off for the rest of the suite

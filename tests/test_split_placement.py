@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fedtune.config import DevicesConfig
+from fedtune.core.errors import ConfigError
 from fedtune.engine.runner import Runner
-from fedtune.errors import ConfigError
 from fedtune.network.devices import DeviceProfile, client_profiles
 from fedtune.split.cut import CutError
 from fedtune.split.placement import ClientMemoryModel, cuts_from_profiles
@@ -66,4 +66,4 @@ def test_run_places_cuts_by_device(tmp_path, tiny_config):
 
 def test_profiles_policy_needs_profiles(tiny_config):
     with pytest.raises(ConfigError, match="needs devices.profiles"):
-        tiny_config("split.cut_policy='profiles'")
+        tiny_config("paradigm=split", "split.cut_policy='profiles'")

@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedtune.comm.ledger import UP
 from fedtune.comm.messages import encode
 from fedtune.comm.transport import Transport
+from fedtune.core.errors import ConfigError
 from fedtune.engine.runner import Runner
-from fedtune.errors import ConfigError
-from fedtune.paradigms.split import Session, SplitFed
 from fedtune.split.adaptive import adapt_cuts
+from fedtune.split.aggregation import aggregate_blocks
 
 FAST = ("federation.rounds=2", "train.local_steps=3", "eval.max_new_tokens=4")
 
@@ -136,22 +135,19 @@ def test_adapt_rule():
 
 def test_per_block_aggregation_over_holders_and_shared_server_copy():
     """Block b is client-side for clients 0 (n=10) and 1 (n=30), server-side for client 2 (n=60)."""
-    split = SplitFed.__new__(SplitFed)
-    split.key_block = {"b.A": 0, "c.A": 1}
-    split.global_state = {"b.A": torch.zeros(2), "c.A": torch.zeros(2)}
-    split.streams = [type("S", (), {"indices": [0] * n})() for n in (10, 30, 60)]
-    sessions = {
-        0: Session({"b.A": torch.tensor([1.0, 1.0])}, {"c.A": torch.tensor([9.0, 9.0])}, 0.0, 0, 0, 0, 0),
-        1: Session({"b.A": torch.tensor([3.0, 3.0])}, {"c.A": torch.tensor([9.0, 9.0])}, 0.0, 0, 0, 0, 0),
-        2: Session({}, {"b.A": torch.tensor([7.0, 7.0]), "c.A": torch.tensor([9.0, 9.0])}, 0.0, 0, 0, 0, 0),
-    }
+    key_block = {"b.A": 0, "c.A": 1}
+    state = {"b.A": torch.zeros(2), "c.A": torch.zeros(2)}
+    weights = {0: 10.0, 1: 30.0, 2: 60.0}
+    clients = {0: {"b.A": torch.tensor([1.0, 1.0])}, 1: {"b.A": torch.tensor([3.0, 3.0])}, 2: {}}
+    bodies = {0: {"c.A": torch.tensor([9.0, 9.0])}, 1: {"c.A": torch.tensor([9.0, 9.0])},
+              2: {"b.A": torch.tensor([7.0, 7.0]), "c.A": torch.tensor([9.0, 9.0])}}
     shared = {"b.A": torch.tensor([5.0, 5.0]), "c.A": torch.tensor([2.0, 2.0])}
-    split._aggregate(sessions, shared)  # V2
-    torch.testing.assert_close(split.global_state["b.A"], torch.full((2,), (10 * 1 + 30 * 3 + 60 * 5) / 100))
-    torch.testing.assert_close(split.global_state["c.A"], torch.full((2,), 2.0))  # only the server held c
-    split._aggregate(sessions, None)  # V1: client 2's own server copy
-    torch.testing.assert_close(split.global_state["b.A"], torch.full((2,), (10 * 1 + 30 * 3 + 60 * 7) / 100))
-    torch.testing.assert_close(split.global_state["c.A"], torch.full((2,), 9.0))
+    v2 = aggregate_blocks(state, key_block, clients, bodies, weights, shared)
+    torch.testing.assert_close(v2["b.A"], torch.full((2,), (10 * 1 + 30 * 3 + 60 * 5) / 100))
+    torch.testing.assert_close(v2["c.A"], torch.full((2,), 2.0))  # only the server held c
+    v1 = aggregate_blocks(state, key_block, clients, bodies, weights, None)  # client 2's own server copy
+    torch.testing.assert_close(v1["b.A"], torch.full((2,), (10 * 1 + 30 * 3 + 60 * 7) / 100))
+    torch.testing.assert_close(v1["c.A"], torch.full((2,), 9.0))
 
 
 def test_cut_layer_rank_reduction_on_both_sides(tmp_path, tiny_config):
@@ -178,13 +174,15 @@ def test_impossible_cuts_stop_before_training(tmp_path, tiny_config, override, m
 
 
 def test_split_config_errors():
-    from fedtune.config import load_config
     from conftest import TINY
 
+    from fedtune.config import load_config
+
     with pytest.raises(ConfigError, match="split.cuts has 2 entries but federation.num_clients = 3"):
-        load_config(TINY, ["split.cuts=[1, 2]"])
+        load_config(TINY, ["paradigm=split", "split.cuts=[1, 2]"])
     with pytest.raises(ConfigError, match="cut_rank needs one fixed cut"):
-        load_config(TINY, ["split.cut_rank=2", "split.adaptive=true"])
+        load_config(TINY, ["paradigm=split", "split.cut_rank=2", "split.adaptive=true"])
+    load_config(TINY, ["split.cuts=[1, 2]"])  # the split table is the split paradigm's to check
 
 
 def test_split_resume_extends_to_the_same_result(tmp_path, tiny_config):
@@ -202,3 +200,45 @@ def test_split_resume_extends_to_the_same_result(tmp_path, tiny_config):
     sb = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert sa["comm"] == sb["comm"] and sa["final"] == sb["final"]
     assert [c["cut_layer"] for c in sa["clients"]] == [c["cut_layer"] for c in sb["clients"]]
+
+
+@pytest.mark.parametrize("ushape", [False, True])
+def test_a_non_finite_client_gradient_norm_is_guarded(tmp_path, tiny_config, monkeypatch, ushape):
+    """Split clients step through the same guard as every local step: inf cut-layer gradients arriving at client 1
+    skip its step, end its session and reject its update, with the reason; the others train on."""
+    from fedtune.comm.messages import Message
+
+    real = Transport.download
+
+    def corrupt(self, message, *, round, client, **kwargs):
+        if message.kind == "gradients" and client == 1:
+            message = Message("gradients", {**message.tensors, "grad": torch.full_like(message.tensors["grad"],
+                                                                                       float("inf"))})
+        return real(self, message, round=round, client=client, **kwargs)
+
+    monkeypatch.setattr(Transport, "download", corrupt)
+    extra = ("split.ushape=true",) if ushape else ()
+    _, summary = _run(tmp_path, tiny_config, "split.cut=2", *extra)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for line in lines[1:]:
+        assert line["rejected"] == [{"client": 1, "reason": "non-finite gradient norm at step 1"}]
+    assert summary["rejected_updates"] == 2
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+
+
+def test_every_endpoint_implements_the_split_session_protocol():
+    """In-process and Ray endpoints offer exactly the protocol's calls, with its parameters."""
+    import inspect
+
+    from fedtune.runtime.ray_split import RayClient, RayServer
+    from fedtune.split.protocol import ClientEndpoint, ServerEndpoint
+    from fedtune.split.session import LocalClient, LocalServer
+
+    for protocol, implementations in ((ClientEndpoint, (LocalClient, RayClient)),
+                                      (ServerEndpoint, (LocalServer, RayServer))):
+        calls = [n for n, f in vars(protocol).items() if inspect.isfunction(f) and not n.startswith("_")]
+        assert calls
+        for impl in implementations:
+            for name in calls:
+                want = list(inspect.signature(getattr(protocol, name)).parameters)
+                assert list(inspect.signature(getattr(impl, name)).parameters) == want, (impl, name)

@@ -208,7 +208,7 @@ def test_resume_with_caches_and_ddpg_state(tmp_path, tiny_config, monkeypatch):
 
 
 def test_compression_needs_split(tiny_config):
-    from fedtune.errors import ConfigError
+    from fedtune.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="compression applies to the split interfaces"):
         tiny_config("compression.method='splitcom'")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedtune.config import FederationConfig
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.federated.strategies import STRATEGIES, ClientUpdate
 
 

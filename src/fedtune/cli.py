@@ -12,8 +12,8 @@ from rich.console import Console
 
 def _run(args: argparse.Namespace, console: Console) -> None:
     from fedtune.config import load_config
+    from fedtune.core.errors import ConfigError
     from fedtune.engine.runner import Runner
-    from fedtune.errors import ConfigError
     from fedtune.report.render import print_summary
 
     if args.resume:
@@ -50,7 +50,7 @@ def _compare(args: argparse.Namespace, console: Console) -> None:
 
 def _plan(args: argparse.Namespace, console: Console) -> None:
     from fedtune.config import load_config
-    from fedtune.network.plan_table import print_plan
+    from fedtune.engine.plan_table import print_plan
 
     cfg = load_config(args.config, args.set)
     if not cfg.network.enabled:
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedtune.errors import FedtuneError
+    from fedtune.core.errors import FedtuneError
 
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)

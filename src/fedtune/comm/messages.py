@@ -23,6 +23,14 @@ class Message:
     kind: str
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The bytes this message arrived as, when it came from another process (:meth:`Transport.receive`), so that
+    #: relaying it on to a third process needs no second encoding.
+    wire: bytes | None = field(default=None, compare=False, repr=False)
+
+
+def wire_bytes(message: Message) -> bytes:
+    """The message's encoding: the bytes it arrived as, if it arrived from another process."""
+    return message.wire if message.wire is not None else encode(message)
 
 
 def encode(message: Message) -> bytes:

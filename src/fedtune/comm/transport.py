@@ -32,6 +32,7 @@ class Transport:
                 baseline_bytes: int | None = None) -> Message:
         """Record and decode bytes that arrived from another process (the Ray backend: a worker's upload)."""
         message = decode(data)
+        message.wire = data
         self.ledger.record(round, client, direction, message.kind, len(data), baseline_bytes)
         return message
 

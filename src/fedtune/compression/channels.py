@@ -8,18 +8,12 @@ from pathlib import Path
 import torch
 
 from fedtune.comm.ledger import DOWN, UP, Ledger
-from fedtune.compression.controllers import ControllerSettings, SessionObservation, make_controller
+from fedtune.comm.split_interfaces import SPLIT_INTERFACES as INTERFACES
+from fedtune.comm.split_interfaces import USHAPE_ONLY
+from fedtune.compression.controllers import SessionObservation, make_controller
 from fedtune.compression.interfaces import Interface, InterfaceSettings
 from fedtune.compression.store import TensorStore
-from fedtune.engine.seeding import derive_seed
-
-#: interface -> (tensor field, direction, sender side)
-INTERFACES = {
-    "activations": ("hidden", UP, "client"),
-    "body_output": ("hidden", DOWN, "server"),
-    "tail_gradients": ("grad", UP, "client"),
-    "gradients": ("grad", DOWN, "server"),
-}
+from fedtune.core.seeding import derive_seed
 
 
 class SplitChannels:
@@ -27,7 +21,7 @@ class SplitChannels:
 
     def __init__(self, cfg, d_model: int, ushape: bool, spill_dir: Path) -> None:
         c = cfg.compression
-        names = ["activations", "gradients"] + (["body_output", "tail_gradients"] if ushape else [])
+        names = ["activations", "gradients"] + (list(USHAPE_ONLY) if ushape else [])
         enabled = c.method != "none" or c.codec != "none"
         default = names if ushape else ["activations"]
         selected = set(c.interfaces or default) if enabled else set()
@@ -43,10 +37,9 @@ class SplitChannels:
                 receiver_budget_bytes=budget, residual=c.residual and on)
             self.ifaces[name] = Interface(settings, d_model, derive_seed(cfg.seed, "projection", name), spill_dir)
             if settings.reuse:
-                self.controllers[name] = make_controller(ControllerSettings(
-                    name=c.controller, theta=c.thresholds.get(name, c.theta), theta_low=c.theta_low,
-                    theta_high=c.theta_high, tolerance=c.tolerance, theta_min=c.theta_min, theta_max=c.theta_max,
-                    lam=c.ddpg_lambda, sigma=c.ddpg_sigma), derive_seed(cfg.seed, "controller", name))
+                self.controllers[name] = make_controller(c.controller, c.thresholds.get(name, c.theta),
+                                                         derive_seed(cfg.seed, "controller", name),
+                                                         c.controller_settings())
         self.thetas: dict[str, float] = {}
         self.trajectory: dict[str, list[list]] = {name: [] for name in self.controllers}
         self._counts_at_start: dict[str, tuple[int, int]] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.registry import Registry
+from fedtune.core.registry import Registry
 
 CODECS: Registry[type["Codec"]] = Registry("codec")
 

@@ -6,41 +6,24 @@ decision interval, one client's local session: ``start_session`` returns the the
 State dicts hold only tensors and plain Python values (``torch.load(weights_only=True)`` safe) and
 make a resumed controller behave bit-identically to an uninterrupted one. No controller call
 consumes or changes the global torch RNG.
+
+Each controller declares the ``[compression]`` keys it reads in its own ``Settings`` table (beyond ``theta``, the
+fixed or starting threshold every controller gets); config validation finds them through :data:`CONTROLLERS`, so
+a new controller with new settings is one module and one registry line (see the README's "Extending fedtune").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from fedtune.registry import Registry
-
-
-@dataclass
-class ControllerSettings:
-    """Settings of every controller (each reads the fields it needs)."""
-
-    name: str = "fixed"
-    theta: float = 0.999  # fixed: the threshold; ddpg: the theta in the state before the first pick
-    theta_low: float = 0.99  # bang-bang: lax setting (and its start)
-    theta_high: float = 0.9999  # bang-bang: strict setting
-    tolerance: float = 0.01  # bang-bang: relative ppl rise that counts as "rose"
-    theta_min: float = 0.95  # ddpg: action range
-    theta_max: float = 0.99999
-    lam: float = 1.0  # ddpg: reward = -loss - lam * bytes_sent / bytes_full
-    sigma: float = 0.1  # ddpg: std of the Gaussian exploration noise, in action units ([-1, 1])
-    sigma_decay: float = 1.0  # ddpg: sigma is multiplied by this after each session
-    gamma: float = 0.9
-    tau: float = 0.05
-    actor_lr: float = 1e-3
-    critic_lr: float = 1e-3
-    buffer_size: int = 1000
-    batch_size: int = 8
-    updates_per_session: int = 4
+from fedtune.config.base import Section
+from fedtune.core.registry import Registry
 
 
 @dataclass
@@ -54,13 +37,20 @@ class SessionObservation:
     progress: float  # 0..1 share of the run done
 
 
+class NoSettings(Section):
+    """A controller that reads no ``[compression]`` key but ``theta``."""
+
+
 class ThresholdController:
     """Base class: a constant theta; subclasses override the hooks they need."""
 
-    def __init__(self, cfg: ControllerSettings, seed: int) -> None:
-        self.cfg = cfg
+    #: The ``[compression]`` keys this controller reads (a table of its own; every field is a config key).
+    Settings: ClassVar[type[Section]] = NoSettings
+
+    def __init__(self, theta: float, settings: Section, seed: int) -> None:
+        self.cfg = settings
         self.seed = seed
-        self._theta = float(cfg.theta)
+        self._theta = float(theta)
 
     @property
     def theta(self) -> float:
@@ -84,19 +74,25 @@ class ThresholdController:
         self._theta = float(state["theta"])
 
 
-CONTROLLERS: Registry[Callable[[ControllerSettings, int], ThresholdController]] = Registry(
-    "threshold controller"
-)
+CONTROLLERS: Registry[type[ThresholdController]] = Registry("threshold controller")
 
 
-def make_controller(settings: ControllerSettings, seed: int) -> ThresholdController:
-    """Build the controller named ``settings.name`` (unknown names raise ConfigError)."""
-    return CONTROLLERS.get(settings.name)(settings, seed)
+def make_controller(name: str, theta: float, seed: int, settings: Section | None = None) -> ThresholdController:
+    """Build the controller ``name`` (unknown names raise ConfigError) with its settings (default: its defaults)."""
+    cls = CONTROLLERS.get(name)
+    return cls(theta, settings if settings is not None else cls.Settings(), seed)
 
 
 @CONTROLLERS.register("fixed")
 class FixedController(ThresholdController):
     """theta = settings.theta, always."""
+
+
+class BangBangSettings(Section):
+    theta_low: float = Field(0.99, description="Bang-bang lax threshold (used while perplexity does not rise).")
+    theta_high: float = Field(0.9999, description="Bang-bang strict threshold (after perplexity rose).")
+    tolerance: float = Field(0.01, ge=0, description="Bang-bang: relative perplexity rise that triggers the strict "
+                             "threshold.")
 
 
 @CONTROLLERS.register("bangbang")
@@ -106,9 +102,11 @@ class BangBangController(ThresholdController):
     The first evaluation only records. A non-finite perplexity counts as a rise.
     """
 
-    def __init__(self, cfg: ControllerSettings, seed: int) -> None:
-        super().__init__(cfg, seed)
-        self._theta = float(cfg.theta_low)
+    Settings = BangBangSettings
+
+    def __init__(self, theta: float, settings: BangBangSettings, seed: int) -> None:
+        super().__init__(theta, settings, seed)
+        self._theta = float(settings.theta_low)
         self._last_ppl: float | None = None
 
     def observe_eval(self, eval_ppl: float) -> None:
@@ -156,6 +154,35 @@ class _Critic(nn.Module):
         return self.net(torch.cat([s, a], dim=-1))
 
 
+class DDPGSettings(Section):
+    theta_min: float = Field(0.95, description="DDPG action range, lower end.")
+    theta_max: float = Field(0.99999, description="DDPG action range, upper end.")
+    ddpg_lambda: float = Field(1.0, ge=0, description="DDPG reward weight of bytes: r = -loss - lambda * bytes_sent / "
+                               "bytes_full.")
+    ddpg_sigma: float = Field(0.1, ge=0, description="DDPG Gaussian exploration noise (in the [-1, 1] action space).")
+
+    @model_validator(mode="after")
+    def _range(self) -> "DDPGSettings":
+        if not self.theta_min < self.theta_max:
+            raise ValueError(f"compression.theta_min ({self.theta_min}) must be below compression.theta_max "
+                             f"({self.theta_max})")
+        return self
+
+
+@dataclass(frozen=True)
+class DDPGHyper:
+    """The learner's own hyperparameters (not config keys)."""
+
+    sigma_decay: float = 1.0  # sigma is multiplied by this after each session
+    gamma: float = 0.9
+    tau: float = 0.05
+    actor_lr: float = 1e-3
+    critic_lr: float = 1e-3
+    buffer_size: int = 1000
+    batch_size: int = 8
+    updates_per_session: int = 4
+
+
 @CONTROLLERS.register("ddpg")
 class DDPGController(ThresholdController):
     """DDPG actor-critic choosing theta once per session.
@@ -170,30 +197,31 @@ class DDPGController(ThresholdController):
     noise, minibatches) comes from the seed, never from the global torch RNG.
     """
 
-    def __init__(self, cfg: ControllerSettings, seed: int) -> None:
-        super().__init__(cfg, seed)
-        if not cfg.theta_min < cfg.theta_max:
-            raise ValueError(f"theta_min {cfg.theta_min} must be below theta_max {cfg.theta_max}")
-        if cfg.buffer_size < 1 or cfg.batch_size < 1:
+    Settings = DDPGSettings
+
+    def __init__(self, theta: float, settings: DDPGSettings, seed: int, hyper: DDPGHyper = DDPGHyper()) -> None:
+        super().__init__(theta, settings, seed)
+        if hyper.buffer_size < 1 or hyper.batch_size < 1:
             raise ValueError("buffer_size and batch_size must be at least 1")
-        self._theta = min(max(float(cfg.theta), cfg.theta_min), cfg.theta_max)
+        self.hyper = hyper
+        self._theta = min(max(float(theta), settings.theta_min), settings.theta_max)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.actor, self.critic = _Actor(), _Critic()
             self.actor_target, self.critic_target = _Actor(), _Critic()
         self.actor_target.load_state_dict(self.actor.state_dict())
         self.critic_target.load_state_dict(self.critic.state_dict())
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=hyper.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=hyper.critic_lr)
         self.gen = torch.Generator().manual_seed(seed + 1)
-        cap = int(cfg.buffer_size)
+        cap = int(hyper.buffer_size)
         self._buf = {
             k: torch.zeros(cap, width, dtype=torch.float32)
             for k, width in (("s", STATE_DIM), ("a", 1), ("r", 1), ("s2", STATE_DIM))
         }
         self._size = 0
         self._ptr = 0
-        self._sigma = float(cfg.sigma)
+        self._sigma = float(settings.ddpg_sigma)
         self._prev_loss: float | None = None
         self._state = self._make_state(self._theta, 0.0, 0.0, 1.0, 0.0)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -236,18 +264,18 @@ class DDPGController(ThresholdController):
         self._pending = None
         loss = float(obs.train_loss)
         ratio = obs.bytes_sent / obs.bytes_full if obs.bytes_full > 0 else 0.0
-        reward = -loss - self.cfg.lam * ratio
+        reward = -loss - self.cfg.ddpg_lambda * ratio
         dloss = 0.0 if self._prev_loss is None else math.tanh(loss - self._prev_loss)
         self._prev_loss = loss
         s2 = self._make_state(self._theta, loss / (1.0 + abs(loss)), dloss,
                               float(obs.upload_ratio), float(obs.progress))
         self._state = s2
         self._push(s, a, reward, s2)
-        if self._size >= self.cfg.batch_size:
+        if self._size >= self.hyper.batch_size:
             with torch.inference_mode(False), torch.enable_grad():
-                for _ in range(self.cfg.updates_per_session):
+                for _ in range(self.hyper.updates_per_session):
                     self._update()
-        self._sigma *= self.cfg.sigma_decay
+        self._sigma *= self.hyper.sigma_decay
 
     def _push(self, s: torch.Tensor, a: torch.Tensor, r: float, s2: torch.Tensor) -> None:
         i = self._ptr
@@ -259,10 +287,10 @@ class DDPGController(ThresholdController):
         self._size = min(self._size + 1, self._buf["s"].shape[0])
 
     def _update(self) -> None:
-        idx = torch.randint(self._size, (self.cfg.batch_size,), generator=self.gen)
+        idx = torch.randint(self._size, (self.hyper.batch_size,), generator=self.gen)
         s, a, r, s2 = (self._buf[k][idx] for k in ("s", "a", "r", "s2"))
         with torch.no_grad():
-            y = r + self.cfg.gamma * self.critic_target(s2, self.actor_target(s2))
+            y = r + self.hyper.gamma * self.critic_target(s2, self.actor_target(s2))
         critic_loss = nn.functional.mse_loss(self.critic(s, a), y)
         self.critic_opt.zero_grad()
         critic_loss.backward()
@@ -274,7 +302,7 @@ class DDPGController(ThresholdController):
         with torch.no_grad():
             for net, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
                 for p, tp in zip(net.parameters(), target.parameters()):
-                    tp.lerp_(p, self.cfg.tau)
+                    tp.lerp_(p, self.hyper.tau)
 
     # --- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -300,7 +328,7 @@ class DDPGController(ThresholdController):
         buf = state["buffer"]
         n = int(buf["s"].shape[0])
         if n > self._buf["s"].shape[0]:
-            raise ValueError(f"replay buffer of {n} transitions exceeds buffer_size {self.cfg.buffer_size}")
+            raise ValueError(f"replay buffer of {n} transitions exceeds buffer_size {self.hyper.buffer_size}")
         for k, v in self._buf.items():
             v.zero_()
             v[:n] = buf[k]

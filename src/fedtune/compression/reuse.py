@@ -14,12 +14,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from fedtune.compression.codecs import Codec
 from fedtune.compression.store import TensorStore
+from fedtune.core.registry import Registry
 
 Key = tuple[int, int]  # (client, sample id)
 
@@ -35,12 +37,25 @@ class Projector:
         return rows.detach().float().cpu() @ self.matrix
 
 
-def similarity(metric: str, current: torch.Tensor, cached: torch.Tensor) -> float:
-    """Higher = more similar. cosine: cos of the flattened projections; rel_l2: 1 - ||p - c|| / ||c||."""
-    p, c = current.flatten(), cached.flatten().float()
-    if metric == "cosine":
-        return float(F.cosine_similarity(p, c, dim=0))
+#: How alike a sample's projected tensor is to its cached projection (higher = more similar), by name.
+SIMILARITIES: Registry[Callable[[torch.Tensor, torch.Tensor], float]] = Registry("similarity metric")
+
+
+@SIMILARITIES.register("cosine")
+def cosine(p: torch.Tensor, c: torch.Tensor) -> float:
+    """cos of the flattened projections."""
+    return float(F.cosine_similarity(p, c, dim=0))
+
+
+@SIMILARITIES.register("rel_l2")
+def relative_l2(p: torch.Tensor, c: torch.Tensor) -> float:
+    """1 - ||p - c|| / ||c||."""
     return 1.0 - float((p - c).norm() / c.norm().clamp_min(1e-12))
+
+
+def similarity(metric: str, current: torch.Tensor, cached: torch.Tensor) -> float:
+    """Similarity ``metric`` (a :data:`SIMILARITIES` name) of the flattened projections."""
+    return SIMILARITIES.get(metric)(current.flatten(), cached.flatten().float())
 
 
 @dataclass

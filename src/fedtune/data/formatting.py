@@ -13,7 +13,7 @@ from typing import Any
 import datasets
 import torch
 
-from fedtune.errors import DataError
+from fedtune.core.errors import DataError
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Federated partitioning of the training split, built on flwr-datasets' ``Partitioner`` interface.
 
-Methods (registered in :data:`PARTITIONERS`):
+Methods (registered in :data:`PARTITIONERS`, each a :class:`Partitioning` declaring what it needs):
 
 - ``iid``: seeded shuffle, then flwr's ``IidPartitioner`` (equal contiguous shards).
 - ``dirichlet``: flwr's ``DirichletPartitioner`` over a label column (self-balancing).
@@ -20,6 +20,7 @@ import io
 import math
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,8 +29,8 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from fedtune.config import PartitionConfig
-from fedtune.errors import PartitionError
-from fedtune.registry import Registry
+from fedtune.core.errors import PartitionError
+from fedtune.core.registry import Registry
 
 ROW = "__row__"
 LABEL = "__label__"
@@ -38,7 +39,32 @@ TOP_LABELS = 5
 OTHER = "(other)"
 
 Builder = Callable[[datasets.Dataset, PartitionConfig, int, int], Partitioner]
-PARTITIONERS: Registry[Builder] = Registry("partitioner")
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """A registered method: its builder and what it needs from the data."""
+
+    build: Builder
+    needs_column: bool = False  # the frame gets LABEL: partition.column (or the dataset's label column) as str
+    needs_lengths: bool = False  # the frame gets the token 'length' column
+    # flwr's sampler retries to meet min_partition_size; on failure the builder is rerun with 0.
+    retries_min_size: bool = False
+
+
+PARTITIONERS: Registry[Partitioning] = Registry("partitioner")
+
+
+def _partitioning(
+    name: str, *, needs_column: bool = False, needs_lengths: bool = False, retries_min_size: bool = False
+) -> Callable[[Builder], Builder]:
+    """Decorator: register the builder under ``name`` with what it declares it needs."""
+
+    def add(build: Builder) -> Builder:
+        PARTITIONERS.register(name)(Partitioning(build, needs_column, needs_lengths, retries_min_size))
+        return build
+
+    return add
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,18 +132,19 @@ class LengthDirichletPartitioner(Partitioner):
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered builders: (frame, cfg, num_clients, seed) -> Partitioner with its dataset assigned.
+# Registered builders: (frame, cfg, num_clients, seed) -> Partitioner with its dataset assigned,
+# each with its needs declared in its @_partitioning(...) line.
 # The frame holds ROW (original row index), LABEL (column as str, when one is used) and length.
 
 
-@PARTITIONERS.register("iid")
+@_partitioning("iid")
 def _iid(frame: datasets.Dataset, cfg: PartitionConfig, num_clients: int, seed: int) -> Partitioner:
     partitioner = IidPartitioner(num_partitions=num_clients)
     partitioner.dataset = frame.select(_rng(seed).permutation(len(frame)))
     return partitioner
 
 
-@PARTITIONERS.register("dirichlet")
+@_partitioning("dirichlet", needs_column=True, retries_min_size=True)
 def _dirichlet(frame: datasets.Dataset, cfg: PartitionConfig, num_clients: int, seed: int) -> Partitioner:
     partitioner = DirichletPartitioner(
         num_partitions=num_clients,
@@ -131,7 +158,7 @@ def _dirichlet(frame: datasets.Dataset, cfg: PartitionConfig, num_clients: int, 
     return partitioner
 
 
-@PARTITIONERS.register("natural_id")
+@_partitioning("natural_id", needs_column=True)
 def _natural_id(frame: datasets.Dataset, cfg: PartitionConfig, num_clients: int, seed: int) -> Partitioner:
     labels = list(frame[LABEL])
     values = sorted(set(labels))
@@ -147,7 +174,7 @@ def _natural_id(frame: datasets.Dataset, cfg: PartitionConfig, num_clients: int,
     return partitioner
 
 
-@PARTITIONERS.register("length_dirichlet")
+@_partitioning("length_dirichlet", needs_lengths=True, retries_min_size=True)
 def _length_dirichlet(frame: datasets.Dataset, cfg: PartitionConfig, num_clients: int, seed: int) -> Partitioner:
     partitioner = LengthDirichletPartitioner(
         num_partitions=num_clients,
@@ -158,12 +185,6 @@ def _length_dirichlet(frame: datasets.Dataset, cfg: PartitionConfig, num_clients
     )
     partitioner.dataset = frame
     return partitioner
-
-
-NEEDS_COLUMN = {"dirichlet", "natural_id"}
-NEEDS_LENGTH = {"length_dirichlet"}
-# Builders whose flwr sampler retries to meet min_partition_size; on failure they are rebuilt with 0.
-RETRYING = {"dirichlet", "length_dirichlet"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,16 +199,16 @@ def partition_indices(
         raise PartitionError(f"need at least one client, got {num_clients}")
     if num_clients > len(train):
         raise PartitionError(f"{num_clients} clients but only {len(train)} training samples")
-    build = PARTITIONERS.get(cfg.method)
-    frame = _frame(train, cfg, label_column)
+    method = PARTITIONERS.get(cfg.method)
+    frame = _frame(train, cfg, method, label_column)
     try:
-        parts = _run(build, frame, cfg, num_clients, seed)
+        parts = _run(method.build, frame, cfg, num_clients, seed)
     except ValueError as exc:
-        if cfg.method not in RETRYING:
+        if not method.retries_min_size:
             raise PartitionError(f"{cfg.method} partitioning failed: {exc}") from exc
         # flwr gave up after its retries; redo the first draw without the minimum to name the client.
         try:
-            parts = _run(build, frame, cfg.model_copy(update={"min_samples": 0}), num_clients, seed)
+            parts = _run(method.build, frame, cfg.model_copy(update={"min_samples": 0}), num_clients, seed)
         except ValueError as again:
             raise PartitionError(f"{cfg.method} partitioning failed: {again}") from again
         _check_min(parts, cfg, note=f" (flwr's Dirichlet sampler could not meet it: {exc})")
@@ -195,10 +216,13 @@ def partition_indices(
     return parts
 
 
-def _frame(train: datasets.Dataset, cfg: PartitionConfig, label_column: str | None) -> datasets.Dataset:
+def _frame(
+    train: datasets.Dataset, cfg: PartitionConfig, method: Partitioning, label_column: str | None
+) -> datasets.Dataset:
+    """The builders' input: ROW, plus LABEL and/or length as ``method`` declares it needs them."""
     cols: dict[str, list[Any]] = {ROW: list(range(len(train)))}
     column = cfg.column or label_column
-    if cfg.method in NEEDS_COLUMN:
+    if method.needs_column:
         if not column:
             raise PartitionError(
                 f"partition method {cfg.method!r} needs a column: set partition.column "
@@ -209,7 +233,7 @@ def _frame(train: datasets.Dataset, cfg: PartitionConfig, label_column: str | No
                 f"partition column {column!r} is not in the dataset; columns: {', '.join(train.column_names)}"
             )
         cols[LABEL] = [str(v) for v in train[column]]
-    if cfg.method in NEEDS_LENGTH:
+    if method.needs_lengths:
         if "length" not in train.column_names:
             raise PartitionError(
                 f"partition method {cfg.method!r} needs the token 'length' column (tokenize the data first); "

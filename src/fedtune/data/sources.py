@@ -16,8 +16,8 @@ import datasets
 import numpy as np
 
 from fedtune.config import DataConfig
-from fedtune.errors import DataError
-from fedtune.registry import Registry
+from fedtune.core.errors import DataError
+from fedtune.core.registry import Registry
 
 RawSplits = tuple[datasets.Dataset, datasets.Dataset | None, str | None]
 Loader = Callable[[DataConfig], RawSplits]

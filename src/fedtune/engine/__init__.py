@@ -1,1 +1,1 @@
-"""The run engine: context building, local training, evaluation, checkpoints and the round loop."""
+"""Run orchestration: building a run's context, the round loop, checkpoints, metrics, comparisons, plan tables."""

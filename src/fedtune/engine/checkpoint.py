@@ -18,25 +18,12 @@ from typing import Any
 
 import torch
 
-from fedtune.errors import CheckpointError
+from fedtune.core.errors import CheckpointError
+from fedtune.core.files import atomic_write, fsync_write
 
 STATE = "state.pt"
 META = "meta.json"
 LATEST = "latest"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _fsync_write(tmp, data)
-    os.replace(tmp, path)
 
 
 class Checkpointer:
@@ -60,9 +47,9 @@ class Checkpointer:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
-        _fsync_write(tmp / STATE, payload)
+        fsync_write(tmp / STATE, payload)
         meta = {**meta, "round": round, "sha256": hashlib.sha256(payload).hexdigest()}
-        _fsync_write(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
+        fsync_write(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -18,15 +18,14 @@ from pathlib import Path
 from rich.console import Console
 
 from fedtune.config import RunConfig, load_config
-from fedtune.engine.checkpoint import atomic_write
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.core.errors import ConfigError, FedtuneError
+from fedtune.core.files import atomic_write
+from fedtune.paradigms import PARADIGMS
 
 #: Short names accepted by ``--sweep`` for the usual sweep keys.
 SWEEP_ALIASES = {"clients": "federation.num_clients", "alpha": "partition.alpha", "rank": "lora.r",
-                 "cut": "split.cut_layer", "topk": "kd.topk"}
+                 "cut": "split.cut", "topk": "kd.topk"}
 BASELINES = ("centralized", "local")
-#: Config sections that only one paradigm reads; a sweep over them reruns only that paradigm.
-PARADIGM_SECTIONS = {"kd": "kd", "split": "split", "compression": "split"}
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,11 @@ class Sweep:
         return cls(SWEEP_ALIASES.get(key.strip(), key.strip()), items)
 
     def affects(self, paradigm: str) -> bool:
-        owner = PARADIGM_SECTIONS.get(self.key.split(".", 1)[0])
-        return owner is None or owner == paradigm
+        """Whether the swept key can change ``paradigm``'s result: not when it is in a section that only another
+        paradigm reads (``Paradigm.own_sections``)."""
+        section = self.key.split(".", 1)[0]
+        owners = [name for name in PARADIGMS if section in PARADIGMS.get(name).own_sections]
+        return not owners or paradigm in owners
 
 
 @dataclass

@@ -1,29 +1,35 @@
-"""Everything a run shares: config, device, the one base model with LoRA, data, partitions, ledger.
+"""Everything a run shares: config, device, the one base model with LoRA, data, partitions, ledger, backend, network.
 
-One base model lives in memory; a simulated client is only state (its data indices and position,
-and whatever the paradigm keeps for it), loaded into the shared model when it trains.
+One base model lives in memory; a simulated client is only state (its data indices and position, and whatever the
+paradigm keeps for it), loaded into the shared model when it trains. :func:`build_context` is the one place a run
+is assembled: the runner, every Ray worker's copy of the run (:func:`build_worker_copy`) and, weightless (the model
+on PyTorch's ``meta`` device: shapes only), ``fedtune plan``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator
 
 import torch
 
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.transport import Transport
 from fedtune.config import RunConfig
+from fedtune.core.progress import RunProgress
 from fedtune.data.formatting import collate, format_prompt, tokenize_examples
 from fedtune.data.partition import partition_indices, partition_summary
 from fedtune.data.references import reference_sets
 from fedtune.data.sources import load_splits
-from fedtune.engine.client_data import SampleStream
 from fedtune.models.flops import ModelCost, model_cost
-from fedtune.models.loading import load_model, resolve_device
+from fedtune.models.loading import load_model, load_tokenizer, resolve_device, weightless_model
 from fedtune.models.lora import attach_lora
-from fedtune.progress import RunProgress
+from fedtune.network.simtime import DEFAULT_DEVICE, NetworkSim, default_profiles
+from fedtune.network.workload import round_workload
+from fedtune.paradigms import PARADIGMS, Paradigm
+from fedtune.runtime.base import Backend, make_backend
+from fedtune.training.streams import SampleStream
 
 
 @dataclass
@@ -39,22 +45,18 @@ class RunContext:
     sample_reference: str
     metric_prompts: list[str]  # chat-formatted held-out prompts for the task metric
     metric_references: list[list[str]]  # all references of each
-    partitions: list[list[int]]
+    partitions: list[list[int]]  # each client's training rows (rows the paradigm reserves already left out)
     partition_info: dict
     cost: ModelCost
     ledger: Ledger
     transport: Transport
     progress: RunProgress
     run_dir: Path
-    #: Optional per-round pruning-rate source (e.g. a JCPBA planner): ``round -> rates`` (a list indexed by client id,
-    #: one value for all, or a {client: rate} mapping), or None to use ``[pruning] rates``. Read by FedLLM.
-    pruning_rates: Callable[[int], Sequence[float] | Mapping[int, float] | None] | None = None
-    #: Where client turns run (``fedtune.runtime``: in-process or Ray); created on first use by
-    #: ``fedtune.runtime.backend_of(ctx)`` from ``runtime.backend``, closed by the runner.
-    backend: object | None = None
+    #: Where client turns run (``fedtune.runtime``: in-process or Ray); closed by the runner.
+    backend: Backend | None = None
     #: The simulated wireless network (``fedtune.network.simtime.NetworkSim``) when ``[network]`` is on: per-round
-    #: plans, straggler checks, simulated seconds. Set by the runner.
-    network: object | None = None
+    #: plans (band shares, pruning rates the paradigm asks it for), straggler checks, simulated seconds.
+    network: NetworkSim | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -72,44 +74,84 @@ class RunContext:
             yield rows, collate([self.train_samples[i] for i in rows], self.pad_token_id)
 
 
-def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path) -> RunContext:
-    """Load model, tokenizer and data; tokenize; partition. Raises FedtuneError subclasses on bad input."""
+def build_model(cfg: RunConfig, device: torch.device, weightless: bool = False):
+    """(base model, base model with the paradigm's LoRA, tokenizer); weightless: on the meta device."""
+    if weightless:
+        base, tokenizer = weightless_model(cfg.model), load_tokenizer(cfg.model)
+    else:
+        base, tokenizer = load_model(cfg.model, device)
+    rank_pattern = PARADIGMS.get(cfg.paradigm).lora_rank_pattern(cfg, base)
+    return base, attach_lora(base, cfg.lora, seed=cfg.seed, rank_pattern=rank_pattern), tokenizer
+
+
+def _partitions(cfg: RunConfig, train, label_column: str | None) -> tuple[list[list[int]], dict]:
+    """Each client's rows, less the rows the paradigm reserves (before anything is written or planned from them)."""
+    parts = partition_indices(train, cfg.partition, cfg.federation.num_clients, cfg.seed, label_column)
+    reserved = set(PARADIGMS.get(cfg.paradigm).reserved_rows(cfg, len(train)))
+    if reserved:
+        parts = [[i for i in part if i not in reserved] for part in parts]
+    column = cfg.partition.column or label_column
+    info = partition_summary(train, parts, column)
+    info.update(method=cfg.partition.method, label_column=column)
+    if reserved:
+        info["reserved_rows"] = len(reserved)
+    return parts, info
+
+
+def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weightless: bool = False,
+                  network: bool = True) -> RunContext:
+    """Load model, tokenizer and data; tokenize; partition; make the backend and (unless ``network`` is false) the
+    simulated network. Raises FedtuneError subclasses on bad input. ``weightless``: the model has shapes but no
+    weights (planning, not training)."""
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
-    base, tokenizer = load_model(cfg.model, device)
-    from fedtune.paradigms import PARADIGMS
-
-    rank_pattern = PARADIGMS.get(cfg.paradigm).lora_rank_pattern(cfg, base)
-    model = attach_lora(base, cfg.lora, seed=cfg.seed, rank_pattern=rank_pattern)
+    base, model, tokenizer = build_model(cfg, device, weightless)
     splits = load_splits(cfg.data, cfg.seed)
     train = tokenize_examples(splits.train, tokenizer, cfg.data.max_length, cfg.data.chat_template)
     evals = tokenize_examples(splits.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template)
-    parts = partition_indices(train, cfg.partition, cfg.federation.num_clients, cfg.seed, splits.label_column)
-    label_column = cfg.partition.column or splits.label_column
-    info = partition_summary(train, parts, label_column)
-    info.update(method=cfg.partition.method, label_column=label_column)
-    sample_index = min(cfg.eval.sample_index, len(splits.eval) - 1)
-    sample = splits.eval[sample_index]
+    parts, info = _partitions(cfg, train, splits.label_column)
+    sample = splits.eval[min(cfg.eval.sample_index, len(splits.eval) - 1)]
     references = reference_sets(splits.eval, cfg.eval.metric_samples) if cfg.eval.metric != "none" else []
     ledger = Ledger()
-    return RunContext(
-        cfg=cfg,
-        device=device,
-        model=model,
-        tokenizer=tokenizer,
-        base_model=base,
+    ctx = RunContext(
+        cfg=cfg, device=device, model=model, tokenizer=tokenizer, base_model=base,
         train_samples=[{"input_ids": i, "labels": l} for i, l in zip(train["input_ids"], train["labels"])],
         eval_samples=[{"input_ids": i, "labels": l} for i, l in zip(evals["input_ids"], evals["labels"])],
         sample_prompt=format_prompt(tokenizer, sample["prompt"], cfg.data.chat_template),
         sample_reference=sample["response"],
         metric_prompts=[format_prompt(tokenizer, p, cfg.data.chat_template) for p, _ in references],
         metric_references=[refs for _, refs in references],
-        partitions=parts,
-        partition_info=info,
-        cost=model_cost(model),
-        ledger=ledger,
-        transport=Transport(ledger),
-        progress=progress,
-        run_dir=Path(run_dir),
+        partitions=parts, partition_info=info, cost=model_cost(model), ledger=ledger, transport=Transport(ledger),
+        progress=progress, run_dir=Path(run_dir),
     )
+    capabilities = PARADIGMS.get(cfg.paradigm).capabilities
+    ctx.backend = make_backend(ctx, capabilities, build_worker_copy)
+    ctx.network = _network(ctx, weightless) if network else None
+    return ctx
+
+
+def _network(ctx: RunContext, weightless: bool) -> NetworkSim | None:
+    """The run's simulated network, or None without ``[network] planner``. When the paradigm prunes its clients, the
+    planner's pruning cuts are measured on a weightless copy of the model (the model itself when it is one)."""
+    cfg = ctx.cfg
+    if not cfg.network.enabled:
+        return None
+    capabilities = PARADIGMS.get(cfg.paradigm).capabilities
+    profiles, defaulted = default_profiles(cfg)
+    if defaulted:
+        ctx.progress.log(f"network: devices.profiles is not set; every client is a '{DEFAULT_DEVICE}'")
+    skeleton = None
+    if capabilities.prunes_clients and cfg.network.rho_max > 0:
+        skeleton = ctx.model if weightless else build_model(cfg, ctx.device, weightless=True)[1]
+    workload = round_workload(cfg, ctx.model, ctx.cost, [len(p) for p in ctx.partitions], skeleton)
+    sim = NetworkSim(cfg, workload, profiles, capabilities.prunes_clients, capabilities.drops_stragglers)
+    sim.ledger = ctx.ledger
+    return sim
+
+
+def build_worker_copy(cfg: RunConfig, run_dir: Path) -> tuple[RunContext, Paradigm]:
+    """A backend worker's own copy of a run: its context (no progress bars, no network: the driver plans) and
+    paradigm."""
+    ctx = build_context(cfg, RunProgress(False), run_dir, network=False)
+    return ctx, PARADIGMS.get(cfg.paradigm)(ctx)

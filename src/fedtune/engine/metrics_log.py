@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedtune.engine.checkpoint import atomic_write
+from fedtune.core.files import atomic_write
 
 
 def json_safe(value: Any) -> Any:

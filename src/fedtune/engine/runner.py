@@ -12,17 +12,17 @@ from rich.console import Console
 
 from fedtune.comm.ledger import DOWN, UP
 from fedtune.config import RunConfig
+from fedtune.core.errors import CheckpointError, FedtuneError, RoundAbortedError
+from fedtune.core.files import atomic_write
+from fedtune.core.progress import RunProgress
 from fedtune.engine.accounting import Accounting
-from fedtune.engine.checkpoint import Checkpointer, atomic_write
+from fedtune.engine.checkpoint import Checkpointer
 from fedtune.engine.context import RunContext, build_context
-from fedtune.engine.evaluation import EvalResult, evaluate, task_metrics
 from fedtune.engine.metrics_log import MetricsLog, json_safe
-from fedtune.errors import CheckpointError, FedtuneError, RoundAbortedError
 from fedtune.models.generation import generate_answer
-from fedtune.network.simtime import NetworkSim
 from fedtune.network.simtime import summarise as summarise_network
 from fedtune.paradigms import PARADIGMS, Paradigm, RoundResult
-from fedtune.progress import RunProgress
+from fedtune.training.evaluation import EvalResult, evaluate, task_metrics
 
 #: Keys that may differ between a checkpoint and the run resuming it (they don't change the results).
 RESUMABLE_CHANGES = ("name", "runtime", "checkpoint", "federation.rounds")
@@ -138,11 +138,8 @@ class Runner:
         self._prepare_dir(resume)
         progress = RunProgress(cfg.runtime.progress, self.console)
         ctx = self._ctx = build_context(cfg, progress, self.out)
-        paradigm_cls = PARADIGMS.get(cfg.paradigm)
-        ctx.network = NetworkSim.from_context(ctx, prunes=paradigm_cls.prunes_clients,  # None without a planner
-                                              drops_late=paradigm_cls.drops_stragglers)
         self._write_partition(ctx)
-        paradigm = paradigm_cls(ctx)
+        paradigm = PARADIGMS.get(cfg.paradigm)(ctx)
         done = self._restore(paradigm, ctx) if resume else 0
         if done == 0:
             t0 = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from fedtune.config import RunConfig
-from fedtune.engine.seeding import numpy_rng
+from fedtune.core.seeding import numpy_rng
 
 
 def sample_clients(cfg: RunConfig, round: int) -> list[int]:

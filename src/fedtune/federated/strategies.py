@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.config import FederationConfig
-from fedtune.registry import Registry
+from fedtune.core.registry import Registry
 
 STRATEGIES: Registry[type["Strategy"]] = Registry("strategy")
 
@@ -30,19 +30,20 @@ class ClientUpdate:
     train_loss: float
 
 
+def weighted_average(versions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """The mean of the tensors weighted by their weights, accumulated in float64, in the first tensor's dtype."""
+    total = float(sum(w for _, w in versions))
+    acc = torch.zeros_like(versions[0][0], dtype=torch.float64)
+    for tensor, weight in versions:
+        acc += tensor.to(torch.float64) * (weight / total)
+    return acc.to(versions[0][0].dtype)
+
+
 def weighted_mean(updates: list[ClientUpdate]) -> TensorDict:
     """Per-tensor mean of the updates weighted by ``num_samples`` (accumulated in float64)."""
     if not updates:
         raise ValueError("cannot aggregate zero updates")
-    total = float(sum(u.num_samples for u in updates))
-    keys = updates[0].tensors.keys()
-    out: TensorDict = {}
-    for key in keys:
-        acc = torch.zeros_like(updates[0].tensors[key], dtype=torch.float64)
-        for u in updates:
-            acc += u.tensors[key].to(torch.float64) * (u.num_samples / total)
-        out[key] = acc.to(updates[0].tensors[key].dtype)
-    return out
+    return {key: weighted_average([(u.tensors[key], u.num_samples) for u in updates]) for key in updates[0].tensors}
 
 
 class Strategy:

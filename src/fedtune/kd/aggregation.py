@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from fedtune.registry import Registry
+from fedtune.core.registry import Registry
 
 #: ``fn(probs [C, n, k], valid [C, n]) -> weights [C, n]``; probs are 0 where not valid.
 Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 from fedtune.kd.distill import check_tokenizers
 from fedtune.models.flops import ModelCost, model_cost
 from fedtune.models.loading import load_model

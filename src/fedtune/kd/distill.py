@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 
 def distill_loss(student_logits: torch.Tensor, soft_indices: torch.Tensor | None, soft_probs: torch.Tensor,

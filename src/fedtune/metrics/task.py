@@ -11,7 +11,7 @@ import re
 import string
 from typing import Callable
 
-from fedtune.registry import Registry
+from fedtune.core.registry import Registry
 
 Metric = Callable[[list[str], list[list[str]]], dict[str, float]]
 

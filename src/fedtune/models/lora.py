@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedtune.config import LoraConfig
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 
 if TYPE_CHECKING:
     from peft import PeftModel

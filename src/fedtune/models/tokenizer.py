@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 
 if TYPE_CHECKING:  # imported lazily, transformers is slow to import
     from transformers import PreTrainedTokenizerFast

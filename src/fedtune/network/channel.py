@@ -19,8 +19,8 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import lambertw
 
-from fedtune.engine.seeding import numpy_rng
-from fedtune.registry import Registry
+from fedtune.core.registry import Registry
+from fedtune.core.seeding import numpy_rng
 
 LN2 = float(np.log(2.0))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ and picks pruning rates for the sampled clients from their nominal workload (:mo
 After a client's turn, its seconds come from what was measured: compute = FLOPs / device FLOP/s; uplink =
 its ledger upload bytes at the Shannon rate of its share; downlink = its ledger download bytes at the
 broadcast rate; energy = transmit power x uplink seconds + ``energy_pj_per_flop`` x FLOPs. A paradigm that
-prunes (FedLLM) applies the plan's rates through ``ctx.pruning_rates``, so the FLOPs and bytes charged are those
-of the pruned models, measured; for the others the planner only splits the band (every rate 0). A round lasts
+prunes (FedLLM) asks the network for the plan's rates (:meth:`NetworkSim.pruning_rates`) and trains at them, so the
+FLOPs and bytes charged are those of the pruned models, measured; for the others the planner only splits the band (every rate 0). A round lasts
 as long as its slowest client;
 with ``deadline_s``, clients finishing later are stragglers (FedLLM leaves them out of the aggregate) and the
 round lasts until the deadline.
@@ -113,7 +113,8 @@ def planning_problem(cfg, channel: Channel, state: ChannelState, workload: Workl
 
 
 class NetworkSim:
-    """The run's simulated wireless network (``ctx.network``); None on the context when ``[network]`` is off."""
+    """The run's simulated wireless network (``ctx.network``, built with the run's context); None on the context
+    when ``[network]`` is off."""
 
     def __init__(self, cfg, workload: Workload, profiles: list[DeviceProfile], prunes: bool = True,
                  drops_late: bool = False) -> None:
@@ -130,27 +131,6 @@ class NetworkSim:
         everyone = list(range(cfg.federation.num_clients))
         problem, _ = planning_problem(cfg, self.channel, self.channel.draw(1, everyone), workload, profiles, prunes)
         problem.check()
-
-    @classmethod
-    def from_context(cls, ctx, prunes: bool = False, drops_late: bool = False) -> "NetworkSim | None":
-        """The run's network, or None without ``[network] planner``. With ``prunes`` (the paradigm applies
-        per-client pruning, as FedLLM does) the plan's rates are applied through ``ctx.pruning_rates``, so the
-        FLOPs and bytes charged are those of the pruned models; otherwise the planner only splits the band. With
-        ``drops_late`` (the paradigm leaves stragglers out) clients out of reach of the deadline are not planned."""
-        from fedtune.network.workload import round_workload
-
-        cfg = ctx.cfg
-        if not cfg.network.enabled:
-            return None
-        profiles, defaulted = default_profiles(cfg)
-        if defaulted:
-            ctx.progress.log(f"network: devices.profiles is not set; every client is a '{DEFAULT_DEVICE}'")
-        workload = round_workload(cfg, ctx.model, ctx.cost, [len(p) for p in ctx.partitions], prunes)
-        sim = cls(cfg, workload, profiles, prunes, drops_late)
-        sim.ledger = ctx.ledger
-        if prunes:
-            ctx.pruning_rates = sim.pruning_rates
-        return sim
 
     # -- planning ----------------------------------------------------------------------------
     def plan(self, round: int, clients: list[int] | None = None) -> RoundPlan:
@@ -189,7 +169,7 @@ class NetworkSim:
         return self.plan(round).left_out
 
     def pruning_rates(self, round: int) -> dict[int, float]:
-        """The plan's rate per sampled client (the shape ``ctx.pruning_rates`` takes)."""
+        """The plan's pruning rate per sampled client (the paradigm reads it; the network never writes its state)."""
         rp = self.plan(round)
         return {c: float(r) for c, r in zip(rp.clients, rp.plan.rho)}
 

@@ -6,19 +6,17 @@ up and down (FedLLM's messages), and a training-memory estimate. When the paradi
 compute and adapter bytes shrink with the pruning rate is measured too (:func:`pruning_cuts`). Realised
 seconds are computed afterwards from the measured FLOPs and ledger bytes (:mod:`fedtune.network.simtime`).
 
-``fedtune plan`` builds the same numbers without loading weights: the model is instantiated on PyTorch's
-``meta`` device from its configuration, so only shapes exist.
+``fedtune plan`` builds the same numbers without loading weights: its context's model is instantiated on PyTorch's
+``meta`` device from its configuration, so only shapes exist (:func:`fedtune.engine.context.build_context`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from fedtune.errors import FedtuneError
 from fedtune.federated.sampling import local_steps
 from fedtune.models.flops import ModelCost, train_flops
 
@@ -87,86 +85,15 @@ def pruning_cuts(cfg, skeleton: torch.nn.Module) -> tuple[float, float]:
             float(np.clip(x @ np.array(bytes_cut) / (x @ x), 0.0, 1.0)))
 
 
-def round_workload(cfg, model: torch.nn.Module, cost: ModelCost, client_sizes: list[int] | None,
-                   prunes: bool = False) -> Workload:
-    """The nominal unpruned round of every client (``client_sizes`` matter only with ``train.local_epochs``);
-    with ``prunes`` (the paradigm prunes its clients' models) and ``network.rho_max`` > 0, the measured
-    :func:`pruning_cuts` too (on ``model`` if it is a meta skeleton, else on one built from the config)."""
+def round_workload(cfg, model: torch.nn.Module, cost: ModelCost, client_sizes: list[int],
+                   skeleton: torch.nn.Module | None = None) -> Workload:
+    """The nominal unpruned round of every client (``client_sizes`` matter only with ``train.local_epochs``). With a
+    ``skeleton`` (the run's model on the meta device; given when the paradigm prunes its clients' models and
+    ``network.rho_max`` > 0) the measured :func:`pruning_cuts` too."""
     n = cfg.federation.num_clients
-    if cfg.train.local_epochs is not None and client_sizes is None:
-        raise FedtuneError("train.local_epochs needs the clients' sample counts to plan a round")
-    sizes = client_sizes or [0] * n
     seq = cfg.data.max_length
     per_step = train_flops(cost, tokens=cfg.train.batch_size * seq, seq_len=seq)
-    flops = np.array([local_steps(cfg, sizes[k]) * per_step for k in range(n)], float)
+    flops = np.array([local_steps(cfg, client_sizes[k]) * per_step for k in range(n)], float)
     payload = adapter_bytes(model)
-    cuts = (1.0, 1.0)
-    if prunes and cfg.network.rho_max > 0:
-        weightless = all(p.device.type == "meta" for p in model.parameters())
-        cuts = pruning_cuts(cfg, model if weightless else model_skeleton(cfg))
+    cuts = pruning_cuts(cfg, skeleton) if skeleton is not None else (1.0, 1.0)
     return Workload(flops, payload, payload, training_memory_bytes(model, cfg), *cuts)
-
-
-# ---------------------------------------------------------------------------------------------
-# A weightless model for `fedtune plan`
-
-
-def _hf_config(model_cfg):
-    from transformers import AutoConfig
-
-    from fedtune.models import loading
-
-    if model_cfg.source == "tiny":  # token ids do not change any shape
-        return loading._tiny_config(model_cfg, SimpleNamespace(eos_token_id=0, pad_token_id=0))
-    if model_cfg.source == "smollm2":
-        target = loading.cache_dir(model_cfg) / loading.SMOLLM2_DIR
-        if not (target / "config.json").is_file():  # first use: convert (and cache) the bundled model
-            model, _ = loading.MODEL_SOURCES.get("smollm2")(model_cfg)
-            return model.config
-        return AutoConfig.from_pretrained(target)
-    try:
-        return AutoConfig.from_pretrained(model_cfg.path)
-    except (OSError, ValueError) as exc:
-        raise FedtuneError(f"cannot read the configuration of model.path = {model_cfg.path!r}: {exc}") from None
-
-
-def model_skeleton(cfg) -> torch.nn.Module:
-    """The run's model with its LoRA adapters on the ``meta`` device: shapes and dtypes, no weights."""
-    from transformers import AutoModelForCausalLM
-
-    from fedtune.models.lora import attach_lora
-    from fedtune.paradigms import PARADIGMS
-
-    config = _hf_config(cfg.model)
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config).to(getattr(torch, cfg.model.dtype))
-    rank_pattern = PARADIGMS.get(cfg.paradigm).lora_rank_pattern(cfg, base)
-    return attach_lora(base, cfg.lora, seed=cfg.seed, rank_pattern=rank_pattern)
-
-
-def _tokenizer(model_cfg):
-    from transformers import AutoTokenizer
-
-    from fedtune.models import loading
-    from fedtune.models.tokenizer import tiny_tokenizer
-
-    if model_cfg.source == "tiny":
-        return tiny_tokenizer(model_cfg.tiny.vocab_size, loading.cache_dir(model_cfg))
-    if model_cfg.source == "smollm2":
-        target = loading.cache_dir(model_cfg) / loading.SMOLLM2_DIR
-        if not (target / "tokenizer.json").is_file():
-            return loading.MODEL_SOURCES.get("smollm2")(model_cfg)[1]
-        return AutoTokenizer.from_pretrained(target)
-    return AutoTokenizer.from_pretrained(model_cfg.path)
-
-
-def client_sample_counts(cfg) -> list[int]:
-    """Training samples per client, partitioned exactly as a run partitions them (data loaded, no model)."""
-    from fedtune.data.formatting import tokenize_examples
-    from fedtune.data.partition import partition_indices
-    from fedtune.data.sources import load_splits
-
-    splits = load_splits(cfg.data, cfg.seed)
-    train = tokenize_examples(splits.train, _tokenizer(cfg.model), cfg.data.max_length, cfg.data.chat_template)
-    parts = partition_indices(train, cfg.partition, cfg.federation.num_clients, cfg.seed, splits.label_column)
-    return [len(p) for p in parts]

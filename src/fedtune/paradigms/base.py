@@ -1,10 +1,12 @@
-"""The paradigm interface the runner drives, and what one round reports."""
+"""The paradigm interface the runner drives, what it declares it can do, and what one round reports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
-from fedtune.registry import Registry
+from fedtune.core.registry import Registry
+from fedtune.runtime.base import BACKENDS, Capabilities
 
 PARADIGMS: Registry[type["Paradigm"]] = Registry("paradigm")
 
@@ -26,21 +28,40 @@ class RoundResult:
 class Paradigm:
     """A training paradigm. The runner calls ``run_round`` for rounds 1..R and checkpoints its state."""
 
-    #: Whether clients train (False for the centralized reference, where the server trains on pooled data).
-    federated: bool = True
-    #: Whether clients can train a pruned model at a per-round rate (``ctx.pruning_rates``), e.g. from JCPBA.
-    prunes_clients: bool = False
-    #: Whether clients missing ``network.deadline_s`` are left out of the round's result (FedLLM's aggregate); then
-    #: clients that cannot meet the deadline at all are not even asked (``ctx.network.left_out``).
-    drops_stragglers: bool = False
+    #: What this paradigm does (backends and the network model read it; nobody guesses from its methods).
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Settings only this paradigm acts on: the error a run of another paradigm gives when one is set, and the test
+    #: of whether it is set (``fedtune run --set paradigm=kd`` with pruning rates is a mistake, not a no-op).
+    exclusive_settings: ClassVar[dict[str, Callable]] = {}
+    #: Config sections only this paradigm reads (a ``fedtune compare`` sweep over them reruns only this paradigm).
+    own_sections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx
 
     @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise ValueError for a configuration this paradigm cannot run (called by config validation): settings
+        of other paradigms, a backend that cannot run it, and (subclasses) its own sections' cross-checks."""
+        for other in PARADIGMS:
+            owner = PARADIGMS.get(other)
+            if owner is cls:
+                continue
+            for message, is_set in owner.exclusive_settings.items():
+                if is_set(cfg):
+                    raise ValueError(f"{message}; paradigm is {cfg.paradigm!r}")
+        BACKENDS.get(cfg.runtime.backend).check_capabilities(cls.capabilities, cfg.paradigm)
+
+    @classmethod
     def lora_rank_pattern(cls, cfg, base_model) -> dict[str, int] | None:
         """Per-module LoRA ranks (PEFT ``rank_pattern``) this paradigm needs, decided before LoRA is attached."""
         return None
+
+    @classmethod
+    def reserved_rows(cls, cfg, num_train: int) -> list[int]:
+        """Training rows the paradigm keeps out of every client's partition (KD's public set), chosen from the
+        config alone, so that the partitions, ``partition.json`` and the network workload all see them held out."""
+        return []
 
     def observe_eval(self, round: int, result) -> None:
         """Called after each held-out evaluation (e.g. for controllers driven by validation perplexity)."""

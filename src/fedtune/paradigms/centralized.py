@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from fedtune.comm.messages import Message
-from fedtune.errors import TrainingError
-from fedtune.engine.client_data import SampleStream
-from fedtune.engine.seeding import seed_torch
-from fedtune.engine.training import make_optimizer, train_steps
+from fedtune.core.errors import TrainingError
+from fedtune.core.seeding import seed_torch
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
+from fedtune.runtime.base import Capabilities
+from fedtune.training.steps import make_optimizer, train_steps
+from fedtune.training.streams import SampleStream
 
 
 def _pack_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -33,7 +34,7 @@ def _pack_samples(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 @PARADIGMS.register("centralized")
 class Centralized(Paradigm):
-    federated = False
+    capabilities = Capabilities(federated=False)
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)

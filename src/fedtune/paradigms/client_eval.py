@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedtune.engine.evaluation import evaluate
 from fedtune.models.lora import load_adapter_state
+from fedtune.training.evaluation import evaluate
 
 
 class ClientEvaluations:

@@ -3,7 +3,7 @@
 Per round: sample clients; send each the global adapter (downlink); it trains for its local steps
 and returns its adapter (uplink); the strategy aggregates the updates that arrived finite.
 
-Client-specific pruning (``[pruning]``, or per round from ``ctx.pruning_rates``): a client with rate rho > 0
+Client-specific pruning (``[pruning]``, or per round from the simulated network's plan): a client with rate rho > 0
 receives the global adapter sliced to its pruned model, trains on that smaller copy of the base model and
 uploads its smaller adapter; the server maps it back to full size and averages every coordinate over the
 clients that kept it (:func:`fedtune.federated.masked.masked_fedavg`), then applies the strategy.
@@ -17,11 +17,9 @@ from dataclasses import replace
 import torch
 
 from fedtune.comm.messages import Message
-from fedtune.engine.client_data import SampleStream
+from fedtune.core.errors import FedtuneError
+from fedtune.core.seeding import numpy_rng, seed_torch
 from fedtune.data.formatting import collate
-from fedtune.engine.seeding import numpy_rng, seed_torch
-from fedtune.engine.training import all_finite, make_optimizer, train_steps
-from fedtune.errors import FedtuneError
 from fedtune.federated.masked import masked_fedavg
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.federated.strategies import STRATEGIES, ClientUpdate
@@ -29,14 +27,24 @@ from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.models.pruning import MAX_RATE, PruneMask, Pruner, expand_adapter, slice_adapter, state_bytes
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
-from fedtune.runtime.base import ClientJob, ClientReply, backend_of
-
+from fedtune.runtime.base import Capabilities, ClientJob, ClientReply
+from fedtune.training.steps import all_finite, make_optimizer, train_steps
+from fedtune.training.streams import SampleStream
 
 
 @PARADIGMS.register("fedllm")
 class FedLLM(Paradigm):
-    prunes_clients = True
-    drops_stragglers = True
+    capabilities = Capabilities(client_jobs=True, prunes_clients=True, drops_stragglers=True)
+    exclusive_settings = {"pruning.rates applies to paradigm 'fedllm'": lambda cfg: any(cfg.pruning.rates)}
+    own_sections = ("pruning",)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        n, rates = cfg.federation.num_clients, cfg.pruning.rates
+        if len(rates) not in (0, 1, n):
+            raise ValueError(f"pruning.rates has {len(rates)} entries but federation.num_clients = {n}; "
+                             "give one rate for all clients or one per client")
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -61,12 +69,11 @@ class FedLLM(Paradigm):
             yield {k: batch[k].to(ctx.device) for k in ("input_ids", "attention_mask")}
 
     def pruning_rate(self, round: int, cid: int) -> float:
-        """rho of client ``cid`` in ``round``: from ``ctx.pruning_rates(round)`` (a planner) when it gives rates,
-        else ``[pruning] rates`` (one for all or one per client); 0 = no pruning."""
-        source = getattr(self.ctx, "pruning_rates", None)
-        rates = source(round) if source is not None else None
-        if rates is None:
-            rates = self.ctx.cfg.pruning.rates
+        """rho of client ``cid`` in ``round``: the simulated network's plan when the run has one (its planner's rate,
+        0 from planners that do not prune), else ``[pruning] rates`` (one for all or one per client); 0 = no
+        pruning."""
+        network = self.ctx.network
+        rates = network.pruning_rates(round) if network is not None and network.prunes else self.ctx.cfg.pruning.rates
         if isinstance(rates, Mapping):
             rate = rates.get(cid, 0.0)
         else:
@@ -144,13 +151,13 @@ class FedLLM(Paradigm):
     def train_client(self, round: int, cid: int) -> tuple[ClientUpdate | None, dict]:
         """One client's whole turn (download, local training, upload) through the run's backend.
         Returns (update or None, stats); ``stats["mask"]`` is its pruning mask (None: full model)."""
-        replies = backend_of(self.ctx).run_clients(self, [self.client_job(round, cid)])
+        replies = self.ctx.backend.run_clients(self, [self.client_job(round, cid)])
         if cid not in replies.replies:
             return None, {"flops": 0, "peak_memory": 0, "rate": 0.0, "mask": None, "failure": replies.lost[cid]}
         return self._accept(replies.replies[cid])
 
     def run_round(self, round: int) -> RoundResult:
-        network = getattr(self.ctx, "network", None)
+        network = self.ctx.network
         left_out = network.left_out(round) if network is not None else []
         clients = [cid for cid in sample_clients(self.ctx.cfg, round) if cid not in left_out]
         out = RoundResult(train_loss=None, clients=clients)
@@ -162,7 +169,7 @@ class FedLLM(Paradigm):
         masks: dict[int, PruneMask] = {}
         jobs = [self.client_job(round, cid) for cid in clients]
         rates: list[float] = [job.state["rate"] for job in jobs]
-        replies = backend_of(self.ctx).run_clients(self, jobs)
+        replies = self.ctx.backend.run_clients(self, jobs)
         out.rejected.extend(replies.lost_records())  # turns lost to a dead or late worker (Ray backend)
         for cid in clients:
             if cid not in replies.replies:
@@ -195,7 +202,7 @@ class FedLLM(Paradigm):
 
     def _straggler(self, round: int, cid: int, stats: dict) -> bool:
         """Whether the simulated network (if any) says this client's finished turn missed the round deadline."""
-        network = getattr(self.ctx, "network", None)
+        network = self.ctx.network
         return network is not None and network.straggler(round, cid, stats["flops"], stats.get("rate", 0.0))
 
     def _aggregate_pruned(self, updates: list[ClientUpdate], masks: dict[int, PruneMask]) -> dict[str, torch.Tensor]:

@@ -33,11 +33,9 @@ from dataclasses import replace
 import torch
 
 from fedtune.comm.messages import Message
+from fedtune.core.errors import ConfigError
+from fedtune.core.seeding import numpy_rng, seed_torch
 from fedtune.data.formatting import collate
-from fedtune.engine.client_data import SampleStream
-from fedtune.engine.seeding import numpy_rng, seed_torch
-from fedtune.engine.training import all_finite, make_optimizer, train_steps
-from fedtune.errors import ConfigError
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.kd.aggregation import SoftLabels, aggregate_logits
 from fedtune.kd.client_models import ClientModel, build_client_models
@@ -45,9 +43,10 @@ from fedtune.kd.distill import distill_loss
 from fedtune.models.flops import forward_flops, train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
-from fedtune.runtime.base import ClientJob, ClientReply, backend_of
 from fedtune.paradigms.client_eval import ClientEvaluations, largest_client
-
+from fedtune.runtime.base import Capabilities, ClientJob, ClientReply
+from fedtune.training.steps import all_finite, guarded_step, make_optimizer, train_steps
+from fedtune.training.streams import SampleStream
 
 
 def _response_count(sample: dict) -> int:
@@ -57,21 +56,41 @@ def _response_count(sample: dict) -> int:
 
 @PARADIGMS.register("kd")
 class KDFed(Paradigm):
+    capabilities = Capabilities(client_jobs=True, client_adapters=True)
+    exclusive_settings = {"kd.client_models applies to paradigm 'kd'": lambda cfg: bool(cfg.kd.client_models)}
+    own_sections = ("kd",)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        names, known, n = cfg.kd.client_models, {"main", *cfg.kd.models}, cfg.federation.num_clients
+        if len(names) not in (0, 1, n):
+            raise ValueError(f"kd.client_models has {len(names)} entries but federation.num_clients = {n}; "
+                             "give one name for all clients or one per client")
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ValueError(f"kd.client_models: unknown model(s) {unknown}; valid: {', '.join(sorted(known))} "
+                             "(define others under [kd.models.NAME])")
+
+    @classmethod
+    def reserved_rows(cls, cfg, num_train: int) -> list[int]:
+        """The public (proxy) set: ``kd.public_samples`` training rows, a seeded choice, held out of every client."""
+        kd = cfg.kd
+        if kd.public_samples >= num_train:
+            raise ConfigError(f"kd.public_samples ({kd.public_samples}) must be smaller than the {num_train} "
+                              "training samples")
+        rng = numpy_rng(cfg.seed, "kd-public")
+        return sorted(int(i) for i in rng.choice(num_train, size=kd.public_samples, replace=False))
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg, kd = ctx.cfg, ctx.cfg.kd
-        n = len(ctx.train_samples)
-        if kd.public_samples >= n:
-            raise ConfigError(f"kd.public_samples ({kd.public_samples}) must be smaller than the {n} training samples")
-        rng = numpy_rng(cfg.seed, "kd-public")
-        self.public_ids = sorted(int(i) for i in rng.choice(n, size=kd.public_samples, replace=False))
-        held = set(self.public_ids)
-        parts = [[i for i in part if i not in held] for part in ctx.partitions]
-        empty = [cid for cid, part in enumerate(parts) if not part]
+        self.public_ids = self.reserved_rows(cfg, len(ctx.train_samples))  # the context left them out of partitions
+        empty = [cid for cid, part in enumerate(ctx.partitions) if not part]
         if empty:
             raise ConfigError(f"kd.public_samples = {kd.public_samples} leaves client(s) {empty} with no private "
                               "training samples; lower kd.public_samples or use fewer clients")
-        ctx.partitions[:] = parts
+        parts = ctx.partitions
         self.public = [ctx.train_samples[i] for i in self.public_ids]
         counts = [_response_count(s) for s in self.public]
         self.offsets = [sum(counts[:j]) for j in range(len(counts))]
@@ -139,10 +158,11 @@ class KDFed(Paradigm):
                 record["failure"] = f"non-finite distillation loss at step {step + 1}"
                 break
             loss.backward()
-            if cfg.train.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
+            failure = guarded_step(optimizer, cfg.train.max_grad_norm)
             optimizer.zero_grad(set_to_none=True)
+            if failure:
+                record["failure"] = f"{failure} at distillation step {step + 1}"
+                break
         return record
 
     @torch.no_grad()
@@ -240,7 +260,7 @@ class KDFed(Paradigm):
 
     def train_client(self, round: int, cid: int) -> tuple[Message | None, dict]:
         """One client's whole turn through the run's backend: (uploaded logits or None, stats)."""
-        replies = backend_of(self.ctx).run_clients(self, [self.client_job(round, cid)])
+        replies = self.ctx.backend.run_clients(self, [self.client_job(round, cid)])
         if cid not in replies.replies:
             return None, {"flops": 0, "peak_memory": 0, "train_loss": float("nan"), "distill_loss": None,
                           "failure": replies.lost[cid]}
@@ -266,7 +286,7 @@ class KDFed(Paradigm):
         clients = sample_clients(ctx.cfg, round)
         out = RoundResult(train_loss=None, clients=clients)
         uploads, losses, distill = [], [], []
-        replies = backend_of(ctx).run_clients(self, [self.client_job(round, cid) for cid in clients])
+        replies = ctx.backend.run_clients(self, [self.client_job(round, cid) for cid in clients])
         out.rejected.extend(replies.lost_records())  # turns lost to a dead or late worker (Ray backend)
         for cid in clients:
             if cid not in replies.replies:

@@ -8,17 +8,20 @@ with the most training samples; every client's own eval loss goes to the round r
 
 from __future__ import annotations
 
-from fedtune.engine.client_data import SampleStream
-from fedtune.engine.seeding import seed_torch
-from fedtune.engine.training import all_finite, make_optimizer, train_steps
+from fedtune.core.seeding import seed_torch
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.paradigms.client_eval import ClientEvaluations, largest_client
+from fedtune.runtime.base import Capabilities
+from fedtune.training.steps import all_finite, make_optimizer, train_steps
+from fedtune.training.streams import SampleStream
 
 
 @PARADIGMS.register("local")
 class LocalOnly(Paradigm):
+    capabilities = Capabilities(client_adapters=True)
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         initial = adapter_state(ctx.model)

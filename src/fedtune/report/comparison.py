@@ -13,9 +13,9 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Iterable
 
-from fedtune.engine.checkpoint import atomic_write
+from fedtune.core.files import atomic_write
 from fedtune.report.plots import cumulative_bytes, plot_comparison
-from fedtune.report.render import NA, md_table, fmt_num, format_bytes, format_flops, format_seconds, read_metrics
+from fedtune.report.render import NA, fmt_num, format_bytes, format_flops, format_seconds, md_table, read_metrics
 
 Cell = dict[str, str]
 

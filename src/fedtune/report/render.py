@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedtune.errors import FedtuneError
+from fedtune.core.errors import FedtuneError
 
 NA = "n/a"
 _BYTE_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")

@@ -4,10 +4,19 @@ See :mod:`fedtune.runtime.base` for the interface a paradigm uses and :mod:`fedt
 Ray pool, its fault handling and how it connects to a cluster.
 """
 
-from fedtune.runtime.base import (BACKENDS, Backend, ClientJob, ClientLost, ClientReply, RoundReplies,
-                                  backend_of, make_backend)
-
 # Importing the implementations registers them (the Ray one imports ray only when it starts).
 from fedtune.runtime import inprocess, ray_backend  # noqa: E402,F401
+from fedtune.runtime.base import (
+                                  BACKENDS,
+                                  Backend,
+                                  Capabilities,
+                                  ClientJob,
+                                  ClientLost,
+                                  ClientReply,
+                                  RoundReplies,
+                                  make_backend,
+                                  with_quorum,
+)
 
-__all__ = ["BACKENDS", "Backend", "ClientJob", "ClientLost", "ClientReply", "RoundReplies", "backend_of", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "Capabilities", "ClientJob", "ClientLost", "ClientReply", "RoundReplies",
+           "make_backend", "with_quorum"]

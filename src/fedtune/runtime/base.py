@@ -17,11 +17,31 @@ simulation bookkeeping (a real device would simply keep it), so it is shipped bu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fedtune.comm.messages import Message
-from fedtune.registry import Registry
+from fedtune.core.errors import ClientQuorumError
+from fedtune.core.registry import Registry
 
 BACKENDS: Registry[type["Backend"]] = Registry("backend")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a paradigm does, declared by the paradigm (``Paradigm.capabilities``) for the backends and the network
+    model, which never guess it from the paradigm's methods."""
+
+    federated: bool = True  # clients train (False: the centralized reference, where the server trains on pooled data)
+    client_jobs: bool = False  # a client's turn is one job: client_job -> run_client -> reply (runs on any backend)
+    split_sessions: bool = False  # a client's turn is a split session with the server, one exchange per batch
+    prunes_clients: bool = False  # clients train pruned models at per-round rates (from a planner)
+    drops_stragglers: bool = False  # clients missing network.deadline_s are left out of the round's aggregate
+    client_adapters: bool = False  # every client keeps its own adapter (no global model is averaged)
+
+
+#: Builds a worker's own copy of a run from its resolved configuration and a scratch directory: (context, paradigm).
+#: Handed down by the layer that builds contexts, so a backend can start workers without importing that layer.
+CopyBuilder = Callable[[object, object], tuple[object, object]]
 
 
 @dataclass
@@ -60,25 +80,47 @@ class ClientLost(Exception):
     """A client's turn was lost to its worker (it died or did not answer in time); the message says why."""
 
 
+def with_quorum(round: int, clients: list[int], need: int, retries: int,
+                attempt: Callable[[list[int]], dict[int, str]], on_retry: Callable[[dict[int, str]], None]) -> dict[int, str]:
+    """Run ``attempt(clients)`` (it returns the lost turns, {client: why}); while fewer than ``need`` clients replied,
+    retry the lost ones (after ``on_retry(lost)``) up to ``retries`` times. Returns the turns still lost; raises
+    :class:`ClientQuorumError` when too few replied in the end."""
+    lost = attempt(list(clients))
+    for _ in range(retries):
+        if not lost or len(clients) - len(lost) >= need:
+            break
+        on_retry(lost)
+        lost = attempt(sorted(lost))
+    if len(clients) - len(lost) < need:
+        detail = "; ".join(f"client {c}: {r}" for c, r in sorted(lost.items()))
+        raise ClientQuorumError(
+            f"round {round}: only {len(clients) - len(lost)} of {len(clients)} clients replied, fewer than "
+            f"federation.min_clients = {need}, after {retries} retries ({detail})", round)
+    return lost
+
+
 class Backend:
     """Runs client turns. The in-process backend runs them one after another in this process."""
 
     name = "base"
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        """Raise ValueError for a configuration this backend cannot run (part of config validation)."""
+    def check_capabilities(cls, capabilities: Capabilities, paradigm: str) -> None:
+        """Raise ValueError for a paradigm this backend cannot run (part of config validation)."""
 
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx, capabilities: Capabilities, build_copy: CopyBuilder | None = None) -> None:
         self.ctx = ctx
+        self.capabilities = capabilities
+        self.build_copy = build_copy
 
     def run_clients(self, paradigm, jobs: list[ClientJob]) -> RoundReplies:
         raise NotImplementedError
 
-    def split_session(self, paradigm, job: ClientJob, body: dict):
-        """The two ends of one client's split session: ``(client, server)`` endpoints whose methods run the
-        :class:`~fedtune.split.session.ClientSide` / ``ServerSide`` halves and carry their messages across the
-        transport. ``job.download`` is the client's blocks; ``body`` the weights the server's blocks start from."""
+    def split_session(self, trainer, job: ClientJob, body: dict):
+        """The two ends of one client's split session: ``(client, server)`` endpoints
+        (:class:`~fedtune.split.protocol.ClientEndpoint`, ``ServerEndpoint``) on the sides the paradigm's
+        :class:`~fedtune.split.trainer.SplitTrainer` opens, carrying their messages across the transport.
+        ``job.download`` is the client's blocks; ``body`` the weights the server's blocks start from."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -89,17 +131,8 @@ class Backend:
         return {"backend": self.name}
 
 
-def make_backend(ctx) -> Backend:
+def make_backend(ctx, capabilities: Capabilities, build_copy: CopyBuilder | None = None) -> Backend:
     """The backend named by ``runtime.backend`` for this run's context."""
     import fedtune.runtime  # noqa: F401 - registers the implementations
 
-    return BACKENDS.get(ctx.cfg.runtime.backend)(ctx)
-
-
-def backend_of(ctx) -> Backend:
-    """The context's backend, created on first use (a context built outside the runner gets one too)."""
-    backend = getattr(ctx, "backend", None)
-    if backend is None:
-        backend = make_backend(ctx)
-        ctx.backend = backend
-    return backend
+    return BACKENDS.get(ctx.cfg.runtime.backend)(ctx, capabilities, build_copy)

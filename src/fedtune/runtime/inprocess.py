@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fedtune.runtime.base import BACKENDS, Backend, ClientJob, RoundReplies
+from fedtune.split.session import LocalClient, LocalServer, open_client_side, open_server_side
 
 
 @BACKENDS.register("inprocess")
@@ -23,12 +24,10 @@ class InProcessBackend(Backend):
             out.replies[job.client] = reply
         return out
 
-    def split_session(self, paradigm, job: ClientJob, body: dict):
-        from fedtune.split.session import LocalClient, LocalServer
-
+    def split_session(self, trainer, job: ClientJob, body: dict):
         transport = self.ctx.transport
         down = transport.download(job.download, round=job.round, client=job.client)
-        client = paradigm.client_side(replace(job, download=down))
-        server = paradigm.server_side(job.round, job.client, job.state["cut"], body, job.state["thetas"])
+        client = open_client_side(trainer, replace(job, download=down))
+        server = open_server_side(trainer, job, body)
         return (LocalClient(client, transport, job.round, job.client),
                 LocalServer(server, transport, job.round, job.client))

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedtune.comm.messages import Message, decode, encode
-from fedtune.runtime.base import ClientJob
+from fedtune.runtime.base import ClientJob, CopyBuilder
+from fedtune.split.session import open_client_side, open_server_side, rng_state, set_rng_state
 
 if TYPE_CHECKING:
-    from fedtune.split.session import WorkerReport
+    from fedtune.split.protocol import SideReport
 
 
 def _copy_key(data: dict) -> str:
@@ -44,8 +45,9 @@ def _copy_key(data: dict) -> str:
 
 
 class RunWorker:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, build_copy: CopyBuilder) -> None:
         torch.set_num_threads(max(1, int(threads)))
+        self.build_copy = build_copy
         self.key: str | None = None
         self.ctx = None
         self.paradigm = None
@@ -58,9 +60,6 @@ class RunWorker:
         """Build this worker's copy of the run for ``cfg_data`` (the driver's resolved config) unless it holds it
         already; returns where the worker runs."""
         from fedtune.config import build_config
-        from fedtune.engine.context import build_context
-        from fedtune.paradigms import PARADIGMS
-        from fedtune.progress import RunProgress
 
         data = {**cfg_data, "runtime": {**cfg_data.get("runtime", {}), "backend": "inprocess", "progress": False}}
         key = _copy_key(data)
@@ -70,8 +69,7 @@ class RunWorker:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             cfg = build_config(data)
             self.tmp = tempfile.mkdtemp(prefix="fedtune-worker-")
-            self.ctx = build_context(cfg, RunProgress(False), Path(self.tmp))
-            self.paradigm = PARADIGMS.get(cfg.paradigm)(self.ctx)
+            self.ctx, self.paradigm = self.build_copy(cfg, Path(self.tmp))
             self.key = key
             self.builds += 1
         try:
@@ -90,20 +88,17 @@ class RunWorker:
 
     # -- split learning: one side of a session per call ----------------------------------------------
     def _rng(self) -> dict:
-        from fedtune.split.session import rng_state
-
         return rng_state(self.ctx.device)
 
     def _set_rng(self, state: dict | None) -> None:
-        from fedtune.split.session import set_rng_state
-
         set_rng_state(state, self.ctx.device)
 
     def split_client_begin(self, round: int, client: int, download: bytes, state: dict, caches: dict) -> dict:
         """Start a client's session (its blocks, stream, reuse caches, optimizer; seeds the generator); returns
         the generator."""
-        self.paradigm.channels.load_caches("client", caches)
-        self.client_side = self.paradigm.client_side(ClientJob(round, client, decode(download), state))
+        trainer = self.paradigm.trainer
+        trainer.channels.load_caches("client", caches)
+        self.client_side = open_client_side(trainer, ClientJob(round, client, decode(download), state))
         return self._rng()
 
     def split_client_forward(self, rng: dict) -> tuple[bytes, int | None, dict, dict]:
@@ -111,37 +106,34 @@ class RunWorker:
         message, baseline, info = self.client_side.forward()
         return encode(message), _baseline_bytes(message, baseline), info, self._rng()
 
-    def split_client_tail(self, body: bytes, rng: dict) -> tuple[bytes | None, int | None, float, dict]:
+    def split_client_tail(self, body: bytes, rng: dict) -> tuple[bytes, int | None, float, dict]:
         self._set_rng(rng)
         message, baseline, loss = self.client_side.tail(decode(body))
-        if message is None:
-            return None, None, loss, self._rng()
         return encode(message), _baseline_bytes(message, baseline), loss, self._rng()
 
-    def split_client_backward(self, grads: bytes) -> None:
-        self.client_side.backward(decode(grads))
+    def split_client_backward(self, grads: bytes) -> bytes | None:
+        failure = self.client_side.backward(decode(grads))
+        return None if failure is None else encode(failure)
 
     def split_client_abort(self) -> None:
         if getattr(self, "client_side", None) is not None:
             self.client_side.abort()
 
-    def split_client_finish(self, failure: str | None, mean_loss: float) -> tuple[bytes, int, dict, WorkerReport]:
+    def split_client_finish(self, failure: str | None, mean_loss: float) -> tuple[bytes, int, dict, SideReport]:
         side, self.client_side = self.client_side, None
         message, memory, stream = side.finish(failure, mean_loss)
         return encode(message), memory, stream, side.report()
 
     def split_server_load_caches(self, caches: dict, client: int | None = None) -> None:
         """Replace the server's reuse caches (one client's, when given) with the driver's."""
-        self.paradigm.channels.load_caches("server", caches, client)
+        self.paradigm.trainer.channels.load_caches("server", caches, client)
 
-    def split_server_begin(self, round: int, client: int, cut: int, body: dict, thetas: dict) -> None:
-        self.server_side = self.paradigm.server_side(round, client, cut, body, thetas)
+    def split_server_begin(self, round: int, client: int, state: dict, body: dict) -> None:
+        self.server_side = open_server_side(self.paradigm.trainer, ClientJob(round, client, None, state), body)
 
     def split_server_step(self, up: bytes, rows: list, epoch: int, rng: dict) -> tuple:
         self._set_rng(rng)
         message, baseline, loss = self.server_side.step(decode(up), rows, epoch)
-        if message is None:
-            return None, None, loss, self._rng()
         return encode(message), _baseline_bytes(message, baseline), loss, self._rng()
 
     def split_server_forward(self, up: bytes, rows: list, epoch: int, rng: dict) -> tuple[bytes, int | None, dict]:
@@ -157,7 +149,7 @@ class RunWorker:
         if getattr(self, "server_side", None) is not None:
             self.server_side.abort()
 
-    def split_server_finish(self) -> tuple[dict, int, WorkerReport]:
+    def split_server_finish(self) -> tuple[dict, int, SideReport]:
         side, self.server_side = self.server_side, None
         state, memory = side.finish()
         return state, memory, side.report()

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 
 class CutError(ConfigError):

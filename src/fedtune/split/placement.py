@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fedtune.engine.training import make_optimizer
+from fedtune.federated.sampling import local_steps
 from fedtune.models.flops import ModelCost, train_flops
+from fedtune.models.lora import adapter_state, load_adapter_state
 from fedtune.models.memory import MemoryMeter
-from fedtune.network.devices import DeviceProfile
+from fedtune.network.devices import DeviceProfile, client_profiles
 from fedtune.split.cut import CutError, SplitModel
+from fedtune.training.steps import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,29 @@ def cuts_from_profiles(profiles: list[DeviceProfile], memory: ClientMemoryModel,
         cuts.append(max(in_time))
         capacities.append(capacity)
     return cuts, capacities
+
+
+def place_by_profiles(ctx, split: SplitModel, tail: int) -> tuple[list[int], list[int], dict]:
+    """(cuts, capacities, what the summary records) from the run's device profiles and the client memory measured
+    at the run's batch size and maximum length. The model's LoRA weights are left as they were (lr 0)."""
+    cfg = ctx.cfg
+    n = cfg.federation.num_clients
+    profiles = client_profiles(cfg.devices, n)
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.train.batch_size, cfg.data.max_length)
+    ids = torch.randint(0, ctx.model.config.vocab_size, shape, generator=g).to(ctx.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    before = adapter_state(ctx.model)
+    memory = measure_client_memory(split, batch, ctx.device, tail)
+    load_adapter_state(ctx.model, before)  # lr 0 left the weights as they were; be explicit
+    steps = max(local_steps(cfg, len(p)) for p in ctx.partitions)
+
+    def flops_of(k: int) -> int:
+        return round_flops(ctx.cost, k, tail, steps=steps, batch_size=shape[0], seq_len=shape[1])
+
+    cuts, capacities = cuts_from_profiles(profiles, memory, flops_of, num_layers=split.num_layers, tail=tail,
+                                          reference_cut=cfg.split.cut, time_budget_s=cfg.split.round_time_budget_s)
+    info = {"memory_model": {"fixed_bytes": memory.fixed_bytes, "per_block_bytes": memory.per_block_bytes,
+                             "tail_extra_bytes": memory.tail_extra_bytes},
+            "devices": [p.name for p in profiles]}
+    return cuts, capacities, info

@@ -5,16 +5,15 @@ in process, or a Ray worker's own copy. Between the activation upload and the gr
 autograd graph of its head blocks (and the open step of its memory meter), the server the graph from the received
 activations to the loss (standard) or to the body output (U-shape).
 
-Per step (standard): ``client.forward`` -> activations up -> ``server.step`` (body, loss, backward, server step) ->
-gradients down -> ``client.backward`` (client step). U-shape: ``client.forward`` -> ``server.forward`` -> body output
-down -> ``client.tail`` (tail, head, loss, backward) -> tail gradients up -> ``server.backward`` (server step) ->
-gradients down -> ``client.backward``. Every message crosses the run's transport; the driver only relays. The order
-of forward passes (which is the order of dropout draws) is the same in process and on Ray, where the random
-generator's state is handed from side to side with the messages (:func:`rng_state`), so both give one result.
+The calls of a step and the messages between them are :mod:`fedtune.split.protocol`'s; every message crosses the
+run's transport and the driver only relays. The order of forward passes (which is the order of dropout draws) is
+the same in process and on Ray, where the random generator's state is handed from side to side with the messages
+(:func:`rng_state`), so both give one result.
 
 Compression: each side sends with the thresholds the driver's controllers chose for the session, through its copy
-of the paradigm's channels. In process those are the driver's own; a side run in a worker's copy hands back a
-:class:`WorkerReport` (its reuse counts, the cache entries it touched) for the driver's channels.
+of the run's channels. In process those are the driver's own; a side run in a worker's copy hands back a
+:class:`~fedtune.split.protocol.SideReport` (its reuse counts, the cache entries it touched) for the driver's
+channels. A side sees the run only through its :class:`~fedtune.split.trainer.SplitTrainer`.
 """
 
 from __future__ import annotations
@@ -25,14 +24,14 @@ from typing import Any
 import torch
 
 from fedtune.comm.messages import Message
-from fedtune.engine.client_data import SampleStream
-from fedtune.engine.seeding import seed_torch
-from fedtune.engine.training import all_finite, make_optimizer
+from fedtune.core.seeding import seed_torch
 from fedtune.models.lora import adapter_state, load_adapter_state
 from fedtune.models.memory import MemoryMeter
 from fedtune.split.cut import Cut
-
-TensorDict = dict[str, torch.Tensor]
+from fedtune.split.protocol import ClientResult, ServerResult, SideReport, StepInfo, TensorDict, step_failure
+from fedtune.split.trainer import SplitTrainer
+from fedtune.training.steps import all_finite, make_optimizer
+from fedtune.training.streams import SampleStream
 
 
 def rng_state(device: torch.device) -> dict:
@@ -68,36 +67,28 @@ class _Pending:
     tail_input: torch.Tensor | None = None
 
 
-@dataclass
-class WorkerReport:
-    """What a side that ran in a worker's copy of the paradigm hands back for the driver's channels."""
-
-    sends: list[tuple[str, int, int, int]]  # (interface, samples sent, samples offered, epoch) per message
-    caches: dict  # the side's reuse-cache entries of the samples the session touched (``export_caches``)
-
-
 class _Side:
     side = ""  # "client" or "server"
 
-    def __init__(self, p, cid: int, thetas: dict[str, float]) -> None:
-        self.p, self.cid, self.thetas = p, cid, thetas
-        self.ctx = p.ctx
-        self.device = p.ctx.device
-        self.L = p.split.num_layers
+    def __init__(self, trainer: SplitTrainer, cid: int, thetas: dict[str, float]) -> None:
+        self.t, self.cid, self.thetas = trainer, cid, thetas
+        self.ctx = trainer.ctx
+        self.device = trainer.ctx.device
+        self.L = trainer.num_layers
         self.sends: list[tuple[str, int, int, int]] = []
         self.samples: set[int] = set()  # the sample ids this session touched
 
     def _send(self, name: str, x: torch.Tensor, rows: list[int], mask: torch.Tensor, epoch: int,
               extra: dict | None = None) -> tuple[Message, Message]:
-        iface = self.p.channels[name]
+        iface = self.t.channels[name]
         sent = iface.counts.sent
         out = iface.send(self.cid, rows, x, mask, extra or {}, self.thetas.get(name, 1.0), epoch)
         self.sends.append((name, iface.counts.sent - sent, len(rows), epoch))
         return out
 
-    def report(self) -> WorkerReport:
+    def report(self) -> SideReport:
         """This session's sends and the cache entries it touched (for a driver that keeps them)."""
-        return WorkerReport(self.sends, self.p.channels.export_caches(self.side, self.cid, self.samples))
+        return SideReport(self.sends, self.t.channels.export_caches(self.side, self.cid, self.samples))
 
 
 class ClientSide(_Side):
@@ -105,22 +96,22 @@ class ClientSide(_Side):
 
     side = "client"
 
-    def __init__(self, p, round: int, cid: int, cut: Cut, adapter: TensorDict, stream: SampleStream,
-                 steps: int, thetas: dict[str, float]) -> None:
-        super().__init__(p, cid, thetas)
+    def __init__(self, trainer: SplitTrainer, round: int, cid: int, cut: Cut, adapter: TensorDict,
+                 stream: SampleStream, steps: int, thetas: dict[str, float]) -> None:
+        super().__init__(trainer, cid, thetas)
         cfg = self.ctx.cfg
         self.cut, self.stream = cut, stream
         blocks = set(cut.client_blocks(self.L))
-        self.keys = p._keys(blocks)
+        self.keys = trainer.keys(blocks)
         load_blocks(self.ctx.model, adapter)
         seed_torch(cfg.seed, "split-train", round, cid)
-        self.opt = make_optimizer(p._params(blocks), cfg.train.lr, cfg.train.weight_decay)
+        self.opt = make_optimizer(trainer.params(blocks), cfg.train.lr, cfg.train.weight_decay)
         self.meter = MemoryMeter(self.device, by_tensors=True)
         self.batches = self.ctx.indexed_batches(stream, steps)
         self.pending: _Pending | None = None
         self.ctx.model.train()
 
-    def forward(self) -> tuple[Message, Message, dict]:
+    def forward(self) -> tuple[Message, Message, StepInfo]:
         """The next batch through the head blocks: (activation message, its uncompressed equivalent, info)."""
         rows, batch = next(self.batches)
         self.samples.update(rows)
@@ -129,7 +120,7 @@ class ClientSide(_Side):
         cpu_mask = mask.cpu()
         step = self.meter.step()
         step.__enter__()
-        act = self.p.split.run(0, self.cut.head, input_ids=ids, attention_mask=mask)
+        act = self.t.split.run(0, self.cut.head, input_ids=ids, attention_mask=mask)
         extra = {"attention_mask": cpu_mask.bool()}
         if not self.cut.tail:
             extra["labels"] = labels.cpu().to(torch.int32)
@@ -138,26 +129,28 @@ class ClientSide(_Side):
         self.pending = _Pending(act, step, mask, cpu_mask, labels, rows, epoch)
         return message, baseline, {"tokens": ids.numel(), "seq": ids.shape[1], "rows": rows, "epoch": epoch}
 
-    def tail(self, body: Message) -> tuple[Message | None, Message | None, float]:
+    def tail(self, body: Message) -> tuple[Message, Message | None, float]:
         """U-shape: the body output through the tail blocks, norm, LM head and loss; back-propagate to the body
-        output and return its gradient (None if the loss is not finite)."""
+        output and return its gradient (a step failure if the loss is not finite)."""
         pd, L = self.pending, self.L
-        t = self.p.channels["body_output"].receive(self.cid, body, pd.cpu_mask).to(self.device).requires_grad_()
-        out = self.p.split.run(L - self.cut.tail, L, hidden=t, attention_mask=pd.mask, labels=pd.labels)
+        t = self.t.channels["body_output"].receive(self.cid, body, pd.cpu_mask).to(self.device).requires_grad_()
+        out = self.t.split.run(L - self.cut.tail, L, hidden=t, attention_mask=pd.mask, labels=pd.labels)
         loss = out.loss
         if not torch.isfinite(loss):
-            return None, None, float(loss.item())
+            return step_failure("non-finite loss"), None, float(loss.item())
         loss.backward()
         message, baseline = self._send("tail_gradients", t.grad, pd.rows, pd.cpu_mask, pd.epoch)
         return message, baseline, float(loss.item())
 
-    def backward(self, grads: Message) -> None:
-        """The cut-layer gradient through the head blocks; one client optimizer step."""
+    def backward(self, grads: Message) -> Message | None:
+        """The cut-layer gradient through the head blocks; one client optimizer step (a step failure instead if
+        the gradient norm is not finite)."""
         pd, self.pending = self.pending, None
         pd.meter_step.__exit__(None, None, None)
-        pd.act.backward(self.p.channels["gradients"].receive(self.cid, grads, pd.cpu_mask).to(self.device))
-        self.p._clip_and_step(self.opt)
-        self.meter.observe(self.p._client_modules(self.cut), self.opt)
+        pd.act.backward(self.t.channels["gradients"].receive(self.cid, grads, pd.cpu_mask).to(self.device))
+        failure = self.t.step(self.opt)
+        self.meter.observe(self.t.client_modules(self.cut), self.opt)
+        return step_failure(failure) if failure else None
 
     def abort(self) -> None:
         """Drop a step whose loss was not finite."""
@@ -186,14 +179,15 @@ class ServerSide(_Side):
 
     side = "server"
 
-    def __init__(self, p, round: int, cid: int, cut: Cut, body: TensorDict, thetas: dict[str, float]) -> None:
-        super().__init__(p, cid, thetas)
+    def __init__(self, trainer: SplitTrainer, round: int, cid: int, cut: Cut, body: TensorDict,
+                 thetas: dict[str, float]) -> None:
+        super().__init__(trainer, cid, thetas)
         cfg = self.ctx.cfg
         self.cut = cut
         blocks = set(cut.body(self.L))
-        self.keys = p._keys(blocks)
+        self.keys = trainer.keys(blocks)
         load_blocks(self.ctx.model, body)
-        self.opt = make_optimizer(p._params(blocks), cfg.train.lr, cfg.train.weight_decay)
+        self.opt = make_optimizer(trainer.params(blocks), cfg.train.lr, cfg.train.weight_decay)
         self.meter = MemoryMeter(self.device, by_tensors=True)
         self.pending: tuple | None = None
         self.ctx.model.train()
@@ -201,24 +195,26 @@ class ServerSide(_Side):
     def _receive(self, up: Message, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         self.samples.update(rows)
         mask = up.tensors["attention_mask"].long()
-        h = self.p.channels["activations"].receive(self.cid, up, mask).to(self.device).requires_grad_()
+        h = self.t.channels["activations"].receive(self.cid, up, mask).to(self.device).requires_grad_()
         return h, mask
 
     def _observe(self) -> None:
-        self.meter.observe(torch.nn.ModuleList([self.p.split.blocks[b] for b in self.cut.body(self.L)]), self.opt)
+        self.meter.observe(self.t.server_modules(self.cut), self.opt)
 
-    def step(self, up: Message, rows: list[int], epoch: int) -> tuple[Message | None, Message | None, float]:
+    def step(self, up: Message, rows: list[int], epoch: int) -> tuple[Message, Message | None, float]:
         """Standard split: body, norm, LM head and loss on the activations; back-propagate, step, and return the
-        cut-layer gradient (None if the loss is not finite)."""
+        cut-layer gradient (a step failure if the loss or the gradient norm is not finite)."""
         with self.meter.step():
             h, mask = self._receive(up, rows)
-            out = self.p.split.run(self.cut.head, self.L, hidden=h, attention_mask=mask.to(self.device),
+            out = self.t.split.run(self.cut.head, self.L, hidden=h, attention_mask=mask.to(self.device),
                                    labels=up.tensors["labels"].to(self.device).long())
         loss = out.loss
         if not torch.isfinite(loss):
-            return None, None, float(loss.item())
+            return step_failure("non-finite loss"), None, float(loss.item())
         loss.backward()
-        self.p._clip_and_step(self.opt)
+        failure = self.t.step(self.opt)
+        if failure:
+            return step_failure(failure), None, float(loss.item())
         message, baseline = self._send("gradients", h.grad, rows, mask, epoch)
         self._observe()
         return message, baseline, float(loss.item())
@@ -227,15 +223,18 @@ class ServerSide(_Side):
         """U-shape: the body blocks on the activations; returns the body output (kept: its graph waits)."""
         with self.meter.step():
             h, mask = self._receive(up, rows)
-            body = self.p.split.run(self.cut.head, self.L - self.cut.tail, hidden=h, attention_mask=mask.to(self.device))
+            body = self.t.split.run(self.cut.head, self.L - self.cut.tail, hidden=h, attention_mask=mask.to(self.device))
         self.pending = (h, body, mask, rows, epoch)
         return self._send("body_output", body, rows, mask, epoch)
 
-    def backward(self, tail_grads: Message) -> tuple[Message, Message]:
-        """U-shape: the tail gradient through the body blocks; one server step; the cut-layer gradient."""
+    def backward(self, tail_grads: Message) -> tuple[Message, Message | None]:
+        """U-shape: the tail gradient through the body blocks; one server step; the cut-layer gradient (a step
+        failure if the gradient norm is not finite)."""
         (h, body, mask, rows, epoch), self.pending = self.pending, None
-        body.backward(self.p.channels["tail_gradients"].receive(self.cid, tail_grads, mask).to(self.device))
-        self.p._clip_and_step(self.opt)
+        body.backward(self.t.channels["tail_gradients"].receive(self.cid, tail_grads, mask).to(self.device))
+        failure = self.t.step(self.opt)
+        if failure:
+            return step_failure(failure), None
         message, baseline = self._send("gradients", h.grad, rows, mask, epoch)
         self._observe()
         return message, baseline
@@ -252,11 +251,13 @@ class ServerSide(_Side):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The in-process link: both sides on the run's model, every message through the run's transport.
+# The in-process endpoints: both sides on the run's model, every message through the run's transport.
 
 
 @dataclass
 class LocalClient:
+    """:class:`~fedtune.split.protocol.ClientEndpoint` in this process."""
+
     side: ClientSide
     transport: Any
     round: int
@@ -265,41 +266,44 @@ class LocalClient:
     def _up(self, message: Message, baseline: Message | None = None) -> Message:
         return self.transport.upload(message, round=self.round, client=self.cid, baseline=baseline)
 
-    def forward(self) -> tuple[Message, dict]:
+    def forward(self) -> tuple[Message, StepInfo]:
         message, baseline, info = self.side.forward()
         return self._up(message, baseline), info
 
-    def tail(self, body: Message) -> tuple[Message | None, float]:
+    def tail(self, body: Message) -> tuple[Message, float]:
         message, baseline, loss = self.side.tail(body)
-        return (None if message is None else self._up(message, baseline)), loss
+        return self._up(message, baseline), loss
 
-    def backward(self, grads: Message) -> None:
-        self.side.backward(grads)
+    def backward(self, grads: Message) -> Message | None:
+        failure = self.side.backward(grads)
+        return None if failure is None else self._up(failure)
 
     def abort(self) -> None:
         self.side.abort()
 
-    def finish(self, failure: str | None, mean_loss: float) -> tuple[Message, int, dict, None]:
-        """The side's upload, peak memory and stream; no report (it counted and cached in the driver's channels)."""
+    def finish(self, failure: str | None, mean_loss: float) -> ClientResult:
+        """No report: the side counted and cached in the driver's own channels."""
         message, memory, stream = self.side.finish(failure, mean_loss)
-        return self._up(message), memory, stream, None
+        return ClientResult(self._up(message), memory, stream)
 
 
 @dataclass
 class LocalServer:
+    """:class:`~fedtune.split.protocol.ServerEndpoint` in this process."""
+
     side: ServerSide
     transport: Any
     round: int
     cid: int
 
-    def _down(self, message: Message, baseline: Message | None) -> Message:
+    def _down(self, message: Message, baseline: Message | None = None) -> Message:
         return self.transport.download(message, round=self.round, client=self.cid, baseline=baseline)
 
-    def step(self, up: Message, info: dict) -> tuple[Message | None, float]:
+    def step(self, up: Message, info: StepInfo) -> tuple[Message, float]:
         message, baseline, loss = self.side.step(up, info["rows"], info["epoch"])
-        return (None if message is None else self._down(message, baseline)), loss
+        return self._down(message, baseline), loss
 
-    def forward(self, up: Message, info: dict) -> Message:
+    def forward(self, up: Message, info: StepInfo) -> Message:
         return self._down(*self.side.forward(up, info["rows"], info["epoch"]))
 
     def backward(self, tail_grads: Message) -> Message:
@@ -308,6 +312,19 @@ class LocalServer:
     def abort(self, lost: bool = False) -> None:
         self.side.abort()
 
-    def finish(self) -> tuple[TensorDict, int, None]:
+    def finish(self) -> ServerResult:
         state, memory = self.side.finish()
-        return state, memory, None
+        return ServerResult(state, memory)
+
+
+def open_client_side(trainer: SplitTrainer, job) -> ClientSide:
+    """The client's half of a session from its job (``download``: its blocks; ``state``: stream position, cut, steps,
+    thresholds)."""
+    state = job.state
+    return ClientSide(trainer, job.round, job.client, trainer.cut(state["cut"]), job.download.tensors,
+                      trainer.stream(job.client, state["stream"]), state["steps"], state["thetas"])
+
+
+def open_server_side(trainer: SplitTrainer, job, body: TensorDict) -> ServerSide:
+    """The server's half of a session: ``body`` holds the weights its blocks start from."""
+    return ServerSide(trainer, job.round, job.client, trainer.cut(job.state["cut"]), body, job.state["thetas"])

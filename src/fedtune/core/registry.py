@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-from fedtune.errors import ConfigError
+from fedtune.core.errors import ConfigError
 
 T = TypeVar("T")
 

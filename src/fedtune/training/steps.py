@@ -40,6 +40,18 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def guarded_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> str | None:
+    """Clip the gradients to ``max_grad_norm`` (when set) and take the optimizer step, unless their norm is not
+    finite: then the step is skipped and the reason returned (the caller zeroes the gradients either way)."""
+    if max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if not math.isfinite(float(norm)):
+            return "non-finite gradient norm"
+    optimizer.step()
+    return None
+
+
 def train_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -54,7 +66,6 @@ def train_steps(
     """One optimizer step per batch. Stops at the first non-finite loss or gradient and says so."""
     result = TrainResult()
     meter = MemoryMeter(device)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -69,13 +80,11 @@ def train_steps(
             if extra is not None:
                 total = loss + extra
             total.backward()
-        if max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if not math.isfinite(float(norm)):
-                result.failure = f"non-finite gradient norm at step {result.steps + 1}"
-                optimizer.zero_grad(set_to_none=True)
-                break
-        optimizer.step()
+        failure = guarded_step(optimizer, max_grad_norm)
+        if failure:
+            result.failure = f"{failure} at step {result.steps + 1}"
+            optimizer.zero_grad(set_to_none=True)
+            break
         meter.observe(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
         batch_size, seq_len = batch["input_ids"].shape

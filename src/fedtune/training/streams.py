@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.engine.seeding import numpy_rng
+from fedtune.core.seeding import numpy_rng
 
 
 @dataclass

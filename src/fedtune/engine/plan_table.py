@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.models.flops import model_cost
+from fedtune.core.progress import RunProgress
+from fedtune.engine.context import build_context
 from fedtune.network.planner import PLANNERS
-from fedtune.network.simtime import NetworkSim, RoundPlan, default_profiles
-from fedtune.network.workload import client_sample_counts, model_skeleton, round_workload
-from fedtune.paradigms import PARADIGMS
+from fedtune.network.simtime import NetworkSim, RoundPlan
 
 
 def planning_network(cfg) -> NetworkSim:
-    """The simulated network a run of ``cfg`` would plan with, built without training or weights (the model on
-    the meta device; the data is loaded only when ``train.local_epochs`` makes step counts depend on it)."""
-    model = model_skeleton(cfg)
-    sizes = client_sample_counts(cfg) if cfg.train.local_epochs is not None else None
-    profiles, _ = default_profiles(cfg)
-    paradigm = PARADIGMS.get(cfg.paradigm)
-    prunes = paradigm.prunes_clients
-    return NetworkSim(cfg, round_workload(cfg, model, model_cost(model), sizes, prunes), profiles, prunes,
-                      paradigm.drops_stragglers)
+    """The simulated network a run of ``cfg`` would plan with, built without training or weights (a weightless
+    context: the model on the meta device, the data partitioned as the run would)."""
+    with tempfile.TemporaryDirectory(prefix="fedtune-plan-") as tmp:
+        return build_context(cfg, RunProgress(False), Path(tmp), weightless=True).network
 
 
 def plan_round(cfg, round: int = 1) -> tuple[NetworkSim, RoundPlan, dict[str, float]]:

@@ -1,0 +1,1 @@
+"""The bottom layer: errors, registries, derived seeds, atomic file writes, progress display."""

@@ -1,0 +1,1 @@
+"""Local training shared by every client and server role: optimizer steps with guards, evaluation, sample streams."""
