@@ -145,9 +145,7 @@ def _network(ctx: RunContext, weightless: bool) -> NetworkSim | None:
     if capabilities.prunes_clients and cfg.network.rho_max > 0:
         skeleton = ctx.model if weightless else build_model(cfg, ctx.device, weightless=True)[1]
     workload = round_workload(cfg, ctx.model, ctx.cost, [len(p) for p in ctx.partitions], skeleton)
-    sim = NetworkSim(cfg, workload, profiles, capabilities.prunes_clients, capabilities.drops_stragglers)
-    sim.ledger = ctx.ledger
-    return sim
+    return NetworkSim(cfg, workload, profiles, capabilities.prunes_clients, capabilities.drops_stragglers, ctx.ledger)
 
 
 def build_worker_copy(cfg: RunConfig, run_dir: Path) -> tuple[RunContext, Paradigm]:

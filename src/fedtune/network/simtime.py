@@ -117,7 +117,7 @@ class NetworkSim:
     when ``[network]`` is off."""
 
     def __init__(self, cfg, workload: Workload, profiles: list[DeviceProfile], prunes: bool = True,
-                 drops_late: bool = False) -> None:
+                 drops_late: bool = False, ledger=None) -> None:
         self.cfg = cfg
         self.prunes = prunes
         self.drops_late = drops_late  # the paradigm drops stragglers: clients out of reach are left out of rounds
@@ -126,7 +126,7 @@ class NetworkSim:
         self.channel = Channel(cfg.network, cfg.federation.num_clients, cfg.seed)
         self.planner = PLANNERS.get(cfg.network.planner)
         self._plans: dict[tuple[int, tuple[int, ...]], RoundPlan] = {}
-        self.ledger = None
+        self.ledger = ledger  # the run's: realised seconds come from the bytes it recorded
         # memory and the quality budget do not depend on the channel: an impossible setting fails before training
         everyone = list(range(cfg.federation.num_clients))
         problem, _ = planning_problem(cfg, self.channel, self.channel.draw(1, everyone), workload, profiles, prunes)
