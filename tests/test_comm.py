@@ -53,3 +53,37 @@ def test_ledger_state_round_trip_and_drop_after():
     assert other.bytes() == 600
     other.drop_after(2)
     assert other.bytes() == 300
+
+
+def test_ledger_counts_retransmissions_within_the_bytes_and_keeps_them_in_its_state():
+    ledger = Ledger()
+    transport = Transport(ledger)
+    down = Message("global_adapter", {"w": torch.randn(4, 8)})
+    size = len(encode(down))
+    transport.send(down, round=1, client=0, direction=DOWN)  # the first try (its turn was lost)
+    transport.send(down, round=1, client=0, direction=DOWN, retransmit=True)  # the retry sends it again
+    transport.send(down, round=1, client=1, direction=DOWN)
+    ledger.record(2, 0, UP, "client_update", 50)
+    assert ledger.bytes(round=1, direction=DOWN) == 3 * size  # the repeat crossed: it counts in the totals
+    assert ledger.retransmitted_bytes() == ledger.retransmitted_bytes(round=1, client=0, direction=DOWN) == size
+    assert ledger.retransmitted_messages() == 1 and ledger.retransmitted_bytes(client=1) == 0
+    assert ledger.retransmitted_bytes(round=2) == 0
+
+    rows = ledger.state_dict()
+    assert [len(row) for row in rows] == [9, 7, 7]  # only a row with repeats carries their two fields
+    other = Ledger()
+    other.load_state_dict(rows)
+    assert other.state_dict() == rows
+    assert other.retransmitted_bytes() == size and other.retransmitted_messages(round=1, client=0) == 1
+    assert other.bytes() == ledger.bytes() and other.messages() == 4
+    other.drop_after(0)
+    assert other.retransmitted_bytes() == 0
+
+
+def test_ledger_loads_rows_of_checkpoints_written_before_retransmissions():
+    ledger = Ledger()
+    ledger.load_state_dict([[1, 0, DOWN, "global_adapter", 2, 300, 400], [1, 0, UP, "client_update", 1, 100, 100]])
+    assert ledger.bytes() == 400 and ledger.baseline_bytes() == 500 and ledger.messages() == 3
+    assert ledger.retransmitted_bytes() == 0 and ledger.retransmitted_messages() == 0
+    ledger.record(2, 0, DOWN, "global_adapter", 150, retransmit=True)
+    assert ledger.retransmitted_bytes(round=2) == 150 and ledger.bytes(round=2) == 150

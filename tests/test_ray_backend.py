@@ -31,6 +31,7 @@ ray = pytest.importorskip("ray")
 # driver per batch, and with other tests competing for the cores each hop waits for a time slice (3-5x slower).
 pytestmark = pytest.mark.ray
 
+from fedtune.comm.messages import encode  # noqa: E402
 from fedtune.config import load_config  # noqa: E402
 from fedtune.core.errors import ClientQuorumError, ConfigError, ServerLostError  # noqa: E402
 from fedtune.engine.checkpoint import Checkpointer  # noqa: E402
@@ -159,6 +160,44 @@ def test_lost_turns_are_recorded_and_clients_rejoin(ray_local, tmp_path, monkeyp
     assert summary["runtime"]["lost_client_turns"] == 2
     # a lost turn costs its download only (it was sent); no upload arrived
     assert lines[1]["uplink_bytes"] < lines[1]["downlink_bytes"]
+    assert all(r["retransmitted_bytes"] == 0 for r in lines)  # min_clients = 1: nothing retried, nothing resent
+
+
+@pytest.mark.parametrize("paradigm", ["fedllm", "split"])
+def test_a_retried_lost_turn_is_recorded_and_its_repeated_download_marked(ray_local, tmp_path, monkeypatch,
+                                                                          paradigm):
+    """min_clients = 3 (every client sampled) and max_retries = 1: client 1's worker is killed once in round 1, so
+    its turn (split: its session) is retried and replies. Round 1's rejected list has it with "retried": true, it is
+    not a rejected update, and the download its retry sent again is marked: retransmitted_bytes is its size."""
+    repeated: list[int] = []
+
+    def kill_once(backend, job, worker):
+        if (job.round, job.client) == (1, 1) and not repeated:
+            repeated.append(len(encode(job.download)))  # what the transport recorded for it
+            ray.kill(worker.actor, no_restart=True)
+
+    monkeypatch.setattr(RayBackend, "on_dispatch", kill_once)
+    out = tmp_path / paradigm
+    summary = _run(out, *(SPLIT if paradigm == "split" else ()), *RAY, "federation.min_clients=3",
+                   "runtime.max_retries=1")
+    lines = _metrics(out)
+    size = repeated[0]
+    [entry] = lines[1]["rejected"]
+    assert (entry["client"], entry["lost"], entry["retried"]) == (1, True, True)
+    assert "worker died" in entry["reason"]
+    assert not lines[2]["rejected"]
+    assert [(r["retransmitted_bytes"], r["cum_retransmitted_bytes"]) for r in lines] == [(0, 0), (size, size),
+                                                                                         (0, size)]
+    assert summary["comm"]["retransmitted_bytes"] == size > 0
+    # the retried turn's update arrived: no rejected update, every client trained in both rounds
+    assert {c["id"]: (c["rounds_trained"], c["rejected_updates"]) for c in summary["clients"]} == \
+        {0: (2, 0), 1: (2, 0), 2: (2, 0)}
+    assert summary["rejected_updates"] == 0
+    assert summary["runtime"]["lost_client_turns"] == 1
+    if paradigm == "fedllm":  # the same adapter goes to every client: client 1 got one more
+        clients = {c["id"]: c for c in summary["clients"]}
+        assert clients[1]["downlink_bytes"] - clients[0]["downlink_bytes"] == size
+        assert lines[1]["downlink_bytes"] == 4 * size and summary["runtime"]["retries"] == 1
 
 
 def test_too_few_replies_stop_with_checkpoint_and_resume(ray_local, tmp_path, monkeypatch):

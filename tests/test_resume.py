@@ -63,8 +63,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert res_summary["compute"] == ref_summary["compute"]
 
 
-def test_resume_of_a_directory_without_checkpoint_is_an_error(tmp_path, capsys):
+def test_resume_of_a_directory_without_checkpoint_starts_from_round_zero(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves its config: --resume starts it over (exactly: all is seeded)."""
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "config.toml").write_text(TINY.read_text())
+    (tmp_path / "started" / "metrics.jsonl").write_text('{"round": 0, "eval_lo')  # killed mid-write
+    assert main(["run", "--resume", str(tmp_path / "started"), "--set", "federation.rounds=1"]) == 0
+    assert "holds no checkpoint yet: starting from round 0" in " ".join(capsys.readouterr().err.split())
+    assert [json.loads(x)["round"] for x in (tmp_path / "started" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "config.toml").write_text(TINY.read_text())
     assert main(["run", "--resume", str(tmp_path / "empty")]) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert "holds no fedtune run (no config.toml)" in " ".join(capsys.readouterr().err.split())

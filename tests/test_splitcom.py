@@ -89,7 +89,8 @@ def test_a_sides_caches_travel_by_client_and_a_lost_sessions_go_back(tmp_path, t
     copy of the channels, merged back, or restored after a lost session."""
     from fedtune.compression.channels import SplitChannels
 
-    cfg = tiny_config("paradigm=split", "split.ushape=true", "compression.method='splitcom'", "compression.residual=true")
+    cfg = tiny_config("paradigm=split", "split.ushape=true", "split.cut=2", "compression.method='splitcom'",
+                      "compression.residual=true")
     ch, other = (SplitChannels(cfg, D, True, tmp_path / n) for n in ("a", "b"))
     x, mask = _batch()
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
@@ -21,6 +23,9 @@ def _run(args: argparse.Namespace, console: Console) -> None:
         if args.out and Path(args.out) != out:
             raise ConfigError("--out and --resume name different directories; --resume continues in place")
         source = args.config or out / "config.toml"
+        if not Path(source).is_file():
+            raise ConfigError(f"cannot resume {out}: it holds no fedtune run (no config.toml)" if not args.config
+                              else f"config file not found: {source}")
     else:
         if not args.config:
             raise ConfigError("fedtune run needs a CONFIG.toml (or --resume DIR)")
@@ -119,7 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Set for fedtune's processes unless the user set it: idle OpenMP threads sleep instead of spinning, so a run
+#: sharing its cores (the test suite, a Ray driver beside its workers, a shared server) is not starved by them
+#: (bench/threads_bench.py). OpenMP reads it when torch starts, hence here, before anything imports torch.
+OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for key, value in OMP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     from fedtune.core.errors import FedtuneError
 
     args = build_parser().parse_args(argv)
@@ -127,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args, console)
     except FedtuneError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the last checkpoint is intact; continue with --resume DIR")

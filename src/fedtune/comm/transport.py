@@ -19,13 +19,14 @@ class Transport:
         return decode(self.send(message, round=round, client=client, direction=direction, baseline=baseline))
 
     def send(self, message: Message, *, round: int, client: int, direction: str,
-             baseline: Message | None = None) -> bytes:
+             baseline: Message | None = None, retransmit: bool = False) -> bytes:
         """Encode and record a message whose other end is in another process; returns the bytes to ship.
 
-        (The Ray backend: the driver encodes a download here and ships these bytes to the worker.)"""
+        (The Ray backend: the driver encodes a download here and ships these bytes to the worker.) ``retransmit``:
+        the message is sent again (a lost turn's download, resent by its retry), marked so in the ledger."""
         data = encode(message)
         base = len(encode(baseline)) if baseline is not None and baseline is not message else None
-        self.ledger.record(round, client, direction, message.kind, len(data), base)
+        self.ledger.record(round, client, direction, message.kind, len(data), base, retransmit=retransmit)
         return data
 
     def receive(self, data: bytes, *, round: int, client: int, direction: str,

@@ -89,8 +89,8 @@ class FixedController(ThresholdController):
 
 
 class BangBangSettings(Section):
-    theta_low: float = Field(0.99, description="Bang-bang lax threshold (used while perplexity does not rise).")
-    theta_high: float = Field(0.9999, description="Bang-bang strict threshold (after perplexity rose).")
+    theta_low: float = Field(0.99, ge=0, le=1, description="Bang-bang lax threshold (used while perplexity does not rise).")
+    theta_high: float = Field(0.9999, ge=0, le=1, description="Bang-bang strict threshold (after perplexity rose).")
     tolerance: float = Field(0.01, ge=0, description="Bang-bang: relative perplexity rise that triggers the strict "
                              "threshold.")
 
@@ -155,8 +155,8 @@ class _Critic(nn.Module):
 
 
 class DDPGSettings(Section):
-    theta_min: float = Field(0.95, description="DDPG action range, lower end.")
-    theta_max: float = Field(0.99999, description="DDPG action range, upper end.")
+    theta_min: float = Field(0.95, ge=0, le=1, description="DDPG action range, lower end.")
+    theta_max: float = Field(0.99999, ge=0, le=1, description="DDPG action range, upper end.")
     ddpg_lambda: float = Field(1.0, ge=0, description="DDPG reward weight of bytes: r = -loss - lambda * bytes_sent / "
                                "bytes_full.")
     ddpg_sigma: float = Field(0.1, ge=0, description="DDPG Gaussian exploration noise (in the [-1, 1] action space).")

@@ -14,7 +14,7 @@ from fedtune.config.base import Section
 
 
 class LinearSettings(Section):
-    theta_end: float = Field(0.99, description="Linear schedule: the threshold at the end of the run (it starts at "
+    theta_end: float = Field(0.99, ge=0, le=1, description="Linear schedule: the threshold at the end of the run (it starts at "
                              "theta and moves linearly with the share of the run done).")
 
 

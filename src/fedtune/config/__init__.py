@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from fedtune.config.base import OwnedKeysSection, Section, registered, registry_at
+from fedtune.config.base import OwnedKeysSection, Section, none_as_text, registered, registry_at
 from fedtune.config.federation import CustomDevice, DevicesConfig, FederationConfig, NetworkConfig
 from fedtune.config.paradigms import CompressionConfig, KDConfig, PruningConfig, SplitConfig
 from fedtune.config.sections import (
@@ -70,13 +70,20 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _device_lists(self) -> "RunConfig":
+        n, p = self.federation.num_clients, self.devices.profiles
+        if len(p) not in (0, 1, n):
+            raise ValueError(f"devices.profiles has {len(p)} entries; give one, or one per client ({n})")
+        return self
+
+    @model_validator(mode="after")
     def _paradigm_rules(self) -> "RunConfig":
         """The paradigm checks the settings it acts on, those only other paradigms act on, and its backend."""
         registry_at("fedtune.paradigms:PARADIGMS").get(self.paradigm).check_config(self)
         return self
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+        return tomli_w.dumps(none_as_text(self.model_dump(mode="json")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,13 +116,22 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
+    """The table at ``loc``; a dict-of-tables field (``kd.models``, ``devices.custom``) is walked through its
+    entry's name to the entries' table."""
+    node: Any = RunConfig
     for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if get_origin(node) is dict:
+            node = get_args(node)[1]
+            continue
+        field = node.model_fields.get(str(part)) if _is_table(node) else None
+        if field is None:
             return None
-        model = field.annotation
-    return model
+        node = field.annotation
+    return node if _is_table(node) else None
+
+
+def _is_table(node: Any) -> bool:
+    return isinstance(node, type) and issubclass(node, BaseModel)
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -151,7 +167,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                              "a TOML config must be UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     for text in overrides:

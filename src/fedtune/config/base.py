@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import typing
 from typing import Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
@@ -29,10 +30,37 @@ def registered(registry_path: str, *extra: str) -> AfterValidator:
     return AfterValidator(lambda value: choice_in(registry_path, value, extra))
 
 
-class Section(BaseModel):
-    """A config table: unknown keys are errors, assignments are validated."""
+NONE = "none"
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _admits_none(field: FieldInfo) -> bool:
+    return field.annotation is None or type(None) in typing.get_args(field.annotation)
+
+
+class Section(BaseModel):
+    """A config table: unknown keys are errors, assignments are validated, every float is finite (no inf/nan).
+
+    TOML has no null: a key that may be unset (``None``) takes the string ``"none"`` for it, in a file or in
+    ``--set key=none`` (``to_toml`` writes it so, and reads back the same configuration)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: None if v == NONE and k in fields and _admits_none(fields[k]) else v for k, v in data.items()}
+
+
+def none_as_text(value: Any) -> Any:
+    """A dumped configuration with ``None`` written as ``"none"`` (for TOML)."""
+    if isinstance(value, dict):
+        return {k: none_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [none_as_text(v) for v in value]
+    return NONE if value is None else value
 
 
 class OwnedKeysSection(Section):

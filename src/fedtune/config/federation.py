@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from fedtune.config.base import Section, registered
+from fedtune.config.base import Section, registered, registry_at
 
 
 class FederationConfig(Section):
@@ -16,6 +16,9 @@ class FederationConfig(Section):
                              "replied (with the Ray backend a turn can be lost to a dead or late worker); at most "
                              "clients_per_round.")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
+    stop_after_rejected_rounds: int | None = Field(
+        3, ge=1, description="Stop the run (at that round's checkpoint, with an error) when every client asked in a "
+        "round had its update rejected this many rounds in a row: the model is not being trained. none = never.")
     strategy: Annotated[str, registered("fedtune.federated.strategies:STRATEGIES")] = Field("fedavg", description="Server aggregation strategy: 'fedavg', 'fedprox', 'fedadam'.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu.")
     server_lr: float = Field(1e-2, gt=0, description="Server learning rate (fedadam).")
@@ -51,6 +54,14 @@ class DevicesConfig(Section):
         default_factory=list, description="Device per client (one name for all, or one per client): presets "
         "'phone', 'jetson', 'laptop', 'workstation', or a name defined under [devices.custom].")
     custom: dict[str, CustomDevice] = Field(default_factory=dict, description="Your own device profiles by name.")
+
+    @model_validator(mode="after")
+    def _known_profiles(self) -> "DevicesConfig":
+        known = {*registry_at("fedtune.network.devices:PRESETS"), *self.custom}
+        for name in self.profiles:
+            if name not in known:
+                raise ValueError(f"devices.profiles: unknown device {name!r}; valid: {', '.join(sorted(known))}")
+        return self
 
 
 class NetworkConfig(Section):

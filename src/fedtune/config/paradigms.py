@@ -64,8 +64,9 @@ class CompressionConfig(OwnedKeysSection):
                            "also keeps full copies).")
     controller: Annotated[str, registered("fedtune.compression.controllers:CONTROLLERS")] = Field("fixed", description="Threshold controller: 'fixed', 'bangbang' (validation perplexity), "
                             "'ddpg', 'linear' (a schedule from theta to theta_end over the run).")
-    theta: float = Field(0.999, description="Threshold (fixed), and the start for ddpg and linear.")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="Per-interface fixed thresholds overriding theta.")
+    theta: float = Field(0.999, ge=0, le=1, description="Threshold (fixed), and the start for ddpg and linear.")
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="Per-interface fixed thresholds overriding theta.")
 
 
 
@@ -74,6 +75,14 @@ class CompressionConfig(OwnedKeysSection):
     @classmethod
     def _interfaces(cls, v: list[str] | None) -> list[str] | None:
         for name in v or []:
+            if name not in SPLIT_INTERFACES:
+                raise ValueError(f"unknown interface {name!r}; valid: {', '.join(SPLIT_INTERFACES)}")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _threshold_interfaces(cls, v: dict[str, float]) -> dict[str, float]:
+        for name in v:
             if name not in SPLIT_INTERFACES:
                 raise ValueError(f"unknown interface {name!r}; valid: {', '.join(SPLIT_INTERFACES)}")
         return v

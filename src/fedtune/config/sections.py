@@ -106,6 +106,9 @@ class TrainConfig(Section):
     local_steps: int = Field(4, gt=0, description="Optimizer steps per client per round (ignored if local_epochs is set).")
     local_epochs: float | None = Field(None, gt=0, description="Epochs over the client's data per round; overrides local_steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; none = no clipping.")
+    max_update_ratio: float | None = Field(100.0, gt=0, description=(
+        "Reject a client's (or the server's) update when ||new - start|| > max_update_ratio * ||start||, start "
+        "being the LoRA weights it started its turn from (norms over all of them together); none = no bound."))
 
 
 class EvalConfig(Section):

@@ -7,6 +7,7 @@ the source has none and applies the seeded sample caps.
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +89,17 @@ def load_local(cfg: DataConfig) -> RawSplits:
     builder = LOCAL_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"unsupported data file type {path.suffix!r} ({path}); use one of: {', '.join(LOCAL_BUILDERS)}")
+    if builder in ("json", "csv"):
+        _check_utf8(path)
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
         raise DataError(f"cannot read {path} as {builder}: {exc}") from exc
-    return map_fields(ds, cfg, str(path)), None, None
+    try:
+        return map_fields(ds, cfg, str(path)), None, None
+    except UnicodeDecodeError as exc:  # a parquet string column holding bytes that are not UTF-8
+        raise DataError(f"{path}: a text value is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start} of {bytes(exc.object[:60])!r})") from None
 
 
 @DATASETS.register("hf")
@@ -113,6 +120,26 @@ def load_hf(cfg: DataConfig) -> RawSplits:
 
 # ---------------------------------------------------------------------------------------------
 # Parsing and field mapping
+
+
+def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
+    """A text data file must be UTF-8 (what the JSON and CSV readers assume): name the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0  # bytes read before this chunk; newlines in them
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            pending = len(decoder.getstate()[0])  # the last chunk's incomplete character, decoded with this one
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                line = lines + chunk[: max(exc.start - pending, 0)].count(b"\n") + 1
+                raise DataError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {at}, "
+                                f"line {line}); save it as UTF-8") from None
+            if not chunk:
+                return
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
 
 
 def _read_e2e(path: Path) -> datasets.Dataset:

@@ -17,6 +17,7 @@ import torch
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.transport import Transport
 from fedtune.config import RunConfig
+from fedtune.core.errors import ConfigError
 from fedtune.core.progress import RunProgress
 from fedtune.data.formatting import collate, format_prompt, tokenize_examples
 from fedtune.data.partition import partition_indices, partition_summary
@@ -84,6 +85,19 @@ def build_model(cfg: RunConfig, device: torch.device, weightless: bool = False):
     return base, attach_lora(base, cfg.lora, seed=cfg.seed, rank_pattern=rank_pattern), tokenizer
 
 
+def _check_sizes(cfg: RunConfig, num_eval: int) -> None:
+    if cfg.eval.sample_index >= num_eval:
+        raise ConfigError(f"eval.sample_index ({cfg.eval.sample_index}) is beyond the eval split's {num_eval} "
+                          f"samples; allowed: 0..{num_eval - 1}")
+
+
+def _check_positions(cfg: RunConfig, config) -> None:
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and cfg.data.max_length > positions:
+        raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {positions} positions; "
+                          f"allowed: 8..{positions}")
+
+
 def _partitions(cfg: RunConfig, train, label_column: str | None) -> tuple[list[list[int]], dict]:
     """Each client's rows, less the rows the paradigm reserves (before anything is written or planned from them)."""
     parts = partition_indices(train, cfg.partition, cfg.federation.num_clients, cfg.seed, label_column)
@@ -106,12 +120,14 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weigh
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
+    splits = load_splits(cfg.data, cfg.seed)  # before the model: a bad data file is reported at once
+    _check_sizes(cfg, len(splits.eval))
     base, model, tokenizer = build_model(cfg, device, weightless)
-    splits = load_splits(cfg.data, cfg.seed)
+    _check_positions(cfg, base.config)
     train = tokenize_examples(splits.train, tokenizer, cfg.data.max_length, cfg.data.chat_template)
     evals = tokenize_examples(splits.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template)
     parts, info = _partitions(cfg, train, splits.label_column)
-    sample = splits.eval[min(cfg.eval.sample_index, len(splits.eval) - 1)]
+    sample = splits.eval[cfg.eval.sample_index]
     references = reference_sets(splits.eval, cfg.eval.metric_samples) if cfg.eval.metric != "none" else []
     ledger = Ledger()
     ctx = RunContext(

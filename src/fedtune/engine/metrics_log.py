@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedtune.core.errors import FedtuneError
 from fedtune.core.files import atomic_write
 
 
@@ -33,12 +34,34 @@ class MetricsLog:
             os.fsync(fh.fileno())
 
     def read(self) -> list[dict[str, Any]]:
+        """The rows; a partial last line (a run killed mid-write) is left out."""
+        return self.parse()[0]
+
+    def parse(self) -> tuple[list[dict[str, Any]], bool]:
+        """(rows, whether a partial last line was left out); any other unreadable line is an error."""
         if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            return [], False
+        lines = [line for line in self.path.read_bytes().decode("utf-8", "replace").splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    return rows, True
+                raise FedtuneError(f"{self.path} line {i + 1} is not a JSON row; the file was edited or damaged "
+                                   "(a resume rewrites it from the checkpoint)") from None
+            if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+                raise FedtuneError(f"{self.path} line {i + 1} is not a round's row")
+            rows.append(row)
+        return rows, False
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the file by ``rows`` (atomically)."""
+        atomic_write(self.path, "".join(json.dumps(json_safe(r), sort_keys=True) + "\n" for r in rows).encode())
 
     def truncate(self, last_round: int) -> list[dict[str, Any]]:
         """Keep only rounds <= ``last_round`` (rounds a resumed run will redo are dropped)."""
         kept = [r for r in self.read() if r["round"] <= last_round]
-        atomic_write(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        self.write(kept)
         return kept

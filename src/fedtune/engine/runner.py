@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from fedtune.comm.ledger import DOWN, UP
 from fedtune.config import RunConfig
-from fedtune.core.errors import CheckpointError, FedtuneError, RoundAbortedError
+from fedtune.core.errors import CheckpointError, FedtuneError, RoundAbortedError, TrainingError
 from fedtune.core.files import atomic_write
 from fedtune.core.progress import RunProgress
 from fedtune.engine.accounting import Accounting
 from fedtune.engine.checkpoint import Checkpointer
 from fedtune.engine.context import RunContext, build_context
 from fedtune.engine.metrics_log import MetricsLog, json_safe
+from fedtune.engine.run_lock import RunLock
 from fedtune.models.generation import generate_answer
+from fedtune.models.lora import save_adapter
 from fedtune.network.simtime import summarise as summarise_network
 from fedtune.paradigms import PARADIGMS, Paradigm, RoundResult
 from fedtune.training.evaluation import EvalResult, evaluate, task_metrics
 
 #: Keys that may differ between a checkpoint and the run resuming it (they don't change the results).
-RESUMABLE_CHANGES = ("name", "runtime", "checkpoint", "federation.rounds")
+RESUMABLE_CHANGES = ("name", "runtime", "checkpoint", "federation.rounds", "federation.stop_after_rejected_rounds")
+
+
+_ABSENT = object()
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -58,26 +65,60 @@ class Runner:
         self.accounting = Accounting()
 
     # -- set-up ------------------------------------------------------------------------------
-    def _prepare_dir(self, resume: bool) -> None:
+    def _prepare_dir(self, resume: bool) -> Path | None:
+        """Check the run directory (before writing anything) and write the resolved config. Returns the checkpoint
+        to resume from (None: start at round 0, also for a resumed run that was stopped before its first one)."""
+        folder = None
         if resume:
-            if not self.checkpointer.exists():
-                raise CheckpointError(f"cannot resume {self.out}: it holds no checkpoint")
+            folder = self._resumable()
         elif self.checkpointer.exists() or self.metrics.path.exists():
             raise FedtuneError(f"{self.out} already holds a run; resume it with --resume {self.out} "
                                "or choose another --out")
+        for stale in self.checkpointer.remove_stale():
+            self.console.print(f"[yellow]removed {stale.name}, left in {self.checkpointer.root} by a crash[/]")
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out / "config.toml", self.cfg.to_toml().encode())
+        return folder
 
-    def _restore(self, paradigm: Paradigm, ctx: RunContext) -> int:
-        state, meta = self.checkpointer.load_latest()
+    def _resumable(self) -> Path | None:
+        """The checkpoint a resume continues from, checked against this configuration; None when the run was
+        stopped before its first checkpoint (it starts over: everything derives from the seed, so exactly)."""
+        if not self.checkpointer.exists():
+            if not (self.out / "config.toml").is_file():
+                raise CheckpointError(f"cannot resume {self.out}: it holds no fedtune run (no config.toml)")
+            self.console.print(f"[yellow]{self.out} holds no checkpoint yet: starting from round 0[/]")
+            self.metrics.path.unlink(missing_ok=True)
+            return None
+        folder = self.checkpointer.latest_folder()
+        if not (self.checkpointer.root / "latest").exists():
+            self.console.print(f"[yellow]checkpoints/latest is missing: resuming from {folder.name}[/]")
+        meta = self.checkpointer.load_meta(folder)
         digest, flat = training_fingerprint(self.cfg)
         if meta.get("fingerprint") != digest:
             saved = meta.get("config", {})
-            diff = sorted(k for k in set(saved) | set(flat) if saved.get(k) != flat.get(k))
+            diff = sorted(k for k in set(saved) | set(flat) if saved.get(k, _ABSENT) != flat.get(k, _ABSENT))
+            defaults = training_fingerprint(RunConfig())[1]
+            added = [k for k in diff if k not in saved and flat[k] == defaults.get(k, _ABSENT)]
+            if diff and diff == added:  # keys a newer fedtune added, at their defaults: the same training
+                self.console.print(f"[yellow]the checkpoint predates the config keys {', '.join(added)}; their "
+                                   "defaults reproduce its run[/]")
+                return self._check_rounds(folder, meta)
             raise CheckpointError(
                 f"checkpoint in {self.out} was written by a different configuration; differing keys: "
                 f"{', '.join(diff) or '(unknown: fingerprint mismatch)'}. Only {', '.join(RESUMABLE_CHANGES)} "
                 "may change on resume")
+        return self._check_rounds(folder, meta)
+
+    def _check_rounds(self, folder: Path, meta: dict) -> Path:
+        self._warn_inexact(meta)
+        done = int(meta["round"])
+        if self.cfg.federation.rounds < done:
+            raise CheckpointError(f"{self.out} has trained {done} rounds; federation.rounds = "
+                                  f"{self.cfg.federation.rounds} would undo some: give at least {done}")
+        return folder
+
+    def _restore(self, folder: Path, paradigm: Paradigm, ctx: RunContext) -> int:
+        state, meta = self.checkpointer.load(folder)
         try:
             paradigm.load_state_dict(state["paradigm"])
             ctx.ledger.load_state_dict(state["ledger"])
@@ -85,14 +126,44 @@ class Runner:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint in {self.out} does not match this run: {exc}") from None
         done = int(meta["round"])
-        self.metrics.truncate(done)
+        self._restore_metrics(state.get("metrics"), done)
         return done
+
+    def _restore_metrics(self, saved: list[dict] | None, done: int) -> None:
+        """metrics.jsonl up to round ``done`` as the checkpoint holds it; say what had to be repaired."""
+        rows, partial = self.metrics.parse()
+        if saved is None:  # a checkpoint written before it held the metrics: keep the file's rows
+            self.metrics.truncate(done)
+            return
+        kept = [r for r in rows if r["round"] <= done]
+        problem = ("is missing" if not self.metrics.path.exists() else
+                   "ended in a partial line" if partial and len(kept) < len(saved) else
+                   "differs from the checkpoint's rows" if kept != saved else None)
+        if problem:
+            self.console.print(f"[yellow]{self.metrics.path.name} {problem}: rewritten from the checkpoint[/]")
+        self.metrics.write(saved)
 
     def _save(self, round: int, paradigm: Paradigm, ctx: RunContext) -> None:
         digest, flat = training_fingerprint(self.cfg)
         state = {"paradigm": paradigm.state_dict(), "ledger": ctx.ledger.state_dict(),
-                 "accounting": self.accounting.state_dict()}
-        self.checkpointer.save(round, state, {"fingerprint": digest, "config": flat, "paradigm": self.cfg.paradigm})
+                 "accounting": self.accounting.state_dict(), "metrics": self.metrics.read()}
+        self.checkpointer.save(round, state, {"fingerprint": digest, "config": flat, "paradigm": self.cfg.paradigm,
+                                              "runtime": self._exactness()})
+
+    def _exactness(self) -> dict[str, Any]:
+        """The runtime settings a run's floating-point results depend on, though its configuration does not."""
+        rt = self.cfg.runtime
+        default = int(rt.cpus_per_client) if rt.backend == "ray" else torch.get_num_threads()
+        return {"backend": rt.backend, "device": rt.device, "threads": rt.threads or max(1, default)}
+
+    def _warn_inexact(self, meta: dict) -> None:
+        """A resume that changes what floating-point results depend on is allowed, and said."""
+        saved, now = meta.get("runtime") or {}, self._exactness()
+        changed = [f"runtime.{k} {saved[k]!r} -> {now[k]!r}" for k in saved if k in now and saved[k] != now[k]]
+        if changed:
+            self.console.print(f"[yellow]resuming with {', '.join(changed)}: the remaining rounds may differ in the "
+                               "last digits from an uninterrupted run (results are bit-identical only with the same "
+                               "backend, device and thread count)[/]")
 
     # -- the loop ----------------------------------------------------------------------------
     def _evaluate(self, paradigm: Paradigm, ctx: RunContext) -> EvalResult:
@@ -112,6 +183,8 @@ class Runner:
             "downlink_bytes": ledger.bytes(round=round, direction=DOWN),
             "cum_uplink_bytes": ledger.bytes(direction=UP),
             "cum_downlink_bytes": ledger.bytes(direction=DOWN),
+            "retransmitted_bytes": ledger.retransmitted_bytes(round=round),  # part of the bytes above: sent again
+            "cum_retransmitted_bytes": ledger.retransmitted_bytes(),
             "client_flops": sum(result.client_flops.values()) if result else 0,
             "server_flops": result.server_flops if result else 0,
             "wall_s": wall_s,
@@ -126,21 +199,22 @@ class Runner:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         self._ctx: RunContext | None = None
-        try:
-            return self._run(resume)
-        finally:  # release the backend's workers (Ray actors; a Ray instance this run started)
-            backend = getattr(self._ctx, "backend", None)
-            if backend is not None:
-                backend.close()
+        with RunLock(self.out):
+            try:
+                return self._run(resume)
+            finally:  # release the backend's workers (Ray actors; a Ray instance this run started)
+                backend = getattr(self._ctx, "backend", None)
+                if backend is not None:
+                    backend.close()
 
     def _run(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
-        self._prepare_dir(resume)
+        folder = self._prepare_dir(resume)
         progress = RunProgress(cfg.runtime.progress, self.console)
         ctx = self._ctx = build_context(cfg, progress, self.out)
         self._write_partition(ctx)
         paradigm = PARADIGMS.get(cfg.paradigm)(ctx)
-        done = self._restore(paradigm, ctx) if resume else 0
+        done = self._restore(folder, paradigm, ctx) if folder is not None else 0
         if done == 0:
             t0 = time.perf_counter()
             initial = self._evaluate(paradigm, ctx)
@@ -148,23 +222,44 @@ class Runner:
             self.metrics.append({**record, "task_metrics": task_metrics(ctx)})
         with progress.run(cfg.federation.rounds, done):
             for round in range(done + 1, cfg.federation.rounds + 1):
-                t0 = time.perf_counter()
-                try:
-                    result = paradigm.run_round(round)
-                except RoundAbortedError as exc:
-                    self._stop_at_checkpoint(exc, paradigm, ctx)
-                last = round == cfg.federation.rounds
-                ev = self._evaluate(paradigm, ctx) if (round % cfg.eval.every == 0 or last) else None
-                if ev is not None:
-                    paradigm.observe_eval(round, ev)
-                wall = time.perf_counter() - t0
-                self.accounting.add(result, wall)
-                self.metrics.append(self._round_record(round, result, ev, wall, ctx))
-                if round % cfg.checkpoint.every == 0 or last:
-                    self._save(round, paradigm, ctx)
-                info = f"eval {ev.loss:.4f}" if ev else ""
-                progress.round_done(info)
+                ev = self._round(round, paradigm, ctx)
+                progress.round_done(f"eval {ev.loss:.4f}" if ev else "")
         return self._finish(paradigm, ctx)
+
+    def _round(self, round: int, paradigm: Paradigm, ctx: RunContext) -> EvalResult | None:
+        """Train, evaluate, log and checkpoint one round; stop (at that checkpoint) when it leaves nothing to
+        report: a non-finite evaluation, or too many rounds in a row without an accepted update."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        try:
+            result = paradigm.run_round(round)
+        except RoundAbortedError as exc:
+            self._stop_at_checkpoint(exc, paradigm, ctx)
+        last = round == cfg.federation.rounds
+        ev = self._evaluate(paradigm, ctx) if (round % cfg.eval.every == 0 or last) else None
+        if ev is not None:
+            paradigm.observe_eval(round, ev)
+        wall = time.perf_counter() - t0
+        self.accounting.add(result, wall)
+        self.metrics.append(self._round_record(round, result, ev, wall, ctx))
+        failure = self._unreportable(round, result, ev)
+        if round % cfg.checkpoint.every == 0 or last or failure:
+            self._save(round, paradigm, ctx)
+        if failure:
+            raise TrainingError(f"{failure}. The run stopped at the checkpoint of round {round} in {self.out}")
+        return ev
+
+    def _unreportable(self, round: int, result: RoundResult, ev: EvalResult | None) -> str | None:
+        """Why the run cannot go on to a result after ``round`` (None: it can)."""
+        if ev is not None and not math.isfinite(ev.loss):
+            return (f"round {round}: the evaluated model's eval loss is {ev.loss} (the model diverged); fedtune "
+                    "reports no result from it")
+        limit, streak = self.cfg.federation.stop_after_rejected_rounds, self.accounting.rejected_streak
+        if limit is not None and streak >= limit:
+            reasons = sorted({str(item["reason"]) for item in result.rejected if not item.get("retried")})
+            return (f"every client's update was rejected in the last {streak} rounds (federation."
+                    f"stop_after_rejected_rounds = {limit}; reasons in round {round}: {'; '.join(reasons)})")
+        return None
 
     def _stop_at_checkpoint(self, exc: RoundAbortedError, paradigm: Paradigm, ctx: RunContext) -> None:
         """A round cannot complete (too few clients replied, the split server was lost): checkpoint the last
@@ -174,8 +269,7 @@ class Runner:
         the bytes of its attempts are dropped like those of a killed run's unfinished round."""
         done = exc.round - 1
         ctx.ledger.drop_after(done)
-        latest = self.checkpointer.root / "latest"
-        saved = int(latest.read_text().split("-")[1]) if latest.exists() else -1
+        saved = int(self.checkpointer.latest_folder().name.split("-")[1]) if self.checkpointer.exists() else -1
         if saved != done:
             if done == 0:  # nothing trained yet: a resume re-evaluates round 0
                 self.metrics.truncate(-1)
@@ -197,7 +291,7 @@ class Runner:
         from fedtune.report.render import write_report
 
         paradigm.load_global()
-        ctx.model.save_pretrained(self.out / "adapter")
+        save_adapter(ctx.model, self.out / "adapter")
         tuned = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
         with ctx.model.disable_adapter():
             base = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
@@ -238,7 +332,7 @@ class Runner:
             "final": {"eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"],
                       "train_loss": trains[-1]["train_loss"] if trains else None},
             "comm": {"uplink_bytes": up, "downlink_bytes": down, "total_bytes": up + down,
-                     "messages": ledger.messages()},
+                     "messages": ledger.messages(), "retransmitted_bytes": ledger.retransmitted_bytes()},
             "compute": {"client_flops": sum(acc.client_flops.values()), "server_flops": acc.server_flops},
             "memory": {"client_peak_bytes": max(acc.client_peak_memory.values(), default=0),
                        "server_peak_bytes": acc.server_peak_memory},

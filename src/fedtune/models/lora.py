@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from fedtune.config import LoraConfig
 from fedtune.core.errors import FedtuneError
+from fedtune.core.files import atomic_write
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -83,3 +86,15 @@ def load_adapter_state(model: "PeftModel", state: dict[str, torch.Tensor]) -> No
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters with ``requires_grad`` (the LoRA weights after :func:`attach_lora`)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_adapter(model: "PeftModel", folder: Path) -> None:
+    """The adapter in PEFT format (``PeftModel.from_pretrained(base, folder)``), its config written with the module
+    names sorted: PEFT keeps them in a set, whose order differs from process to process."""
+    model.save_pretrained(folder)
+    config_file = Path(folder) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("target_modules", "modules_to_save", "layers_to_transform"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    atomic_write(config_file, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

@@ -28,7 +28,7 @@ from fedtune.models.lora import adapter_state, load_adapter_state, trainable_par
 from fedtune.models.pruning import MAX_RATE, PruneMask, Pruner, expand_adapter, slice_adapter, state_bytes
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.runtime.base import Capabilities, ClientJob, ClientReply
-from fedtune.training.steps import all_finite, make_optimizer, train_steps
+from fedtune.training.steps import all_finite, make_optimizer, train_steps, update_norm_failure
 from fedtune.training.streams import SampleStream
 
 
@@ -131,6 +131,7 @@ class FedLLM(Paradigm):
         del model, params, anchors, optimizer  # a pruned copy is not kept
         state = {"stream": stream.state_dict()}
         failure = result.failure or (None if all_finite(update) else "non-finite adapter weights")
+        failure = failure or update_norm_failure(update, job.download.tensors, cfg.train.max_update_ratio)
         if failure:
             return ClientReply(cid, Message("client_failure", meta={"reason": failure}), state,
                                {**stats, "failure": failure})

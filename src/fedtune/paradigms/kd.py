@@ -45,7 +45,7 @@ from fedtune.models.lora import adapter_state, load_adapter_state, trainable_par
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.paradigms.client_eval import ClientEvaluations, largest_client
 from fedtune.runtime.base import Capabilities, ClientJob, ClientReply
-from fedtune.training.steps import all_finite, guarded_step, make_optimizer, train_steps
+from fedtune.training.steps import all_finite, guarded_step, make_optimizer, train_steps, update_norm_failure
 from fedtune.training.streams import SampleStream
 
 
@@ -239,6 +239,7 @@ class KDFed(Paradigm):
         state = adapter_state(cm.model)
         failure = record["failure"] or (result.failure if result else None)
         failure = failure or (None if all_finite(state) else "non-finite adapter weights")
+        failure = failure or update_norm_failure(state, job.state["adapter"], cfg.train.max_update_ratio)
         if failure:  # keep the adapter it had before this round; it shares no logits
             load_adapter_state(cm.model, job.state["adapter"])
             return ClientReply(cid, Message("client_failure", meta={"reason": failure}), positions,
@@ -275,10 +276,12 @@ class KDFed(Paradigm):
         record = self._distill_only(main, trainable_parameters(ctx.model), self.server_stream, self.soft,
                                     kd.distill_steps, 1.0)
         state = adapter_state(ctx.model)
-        if record["failure"] is None and all_finite(state):
+        failure = record["failure"] or (None if all_finite(state) else "non-finite")
+        failure = failure or update_norm_failure(state, self.server_state, ctx.cfg.train.max_update_ratio)
+        if failure is None:
             self.server_state = state
         else:
-            ctx.progress.log(f"[yellow]round {round}: server distillation dropped: {record['failure'] or 'non-finite'}")
+            ctx.progress.log(f"[yellow]round {round}: server distillation dropped: {failure}")
         return record["flops"]
 
     def run_round(self, round: int) -> RoundResult:

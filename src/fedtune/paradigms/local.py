@@ -14,7 +14,7 @@ from fedtune.models.lora import adapter_state, load_adapter_state, trainable_par
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.paradigms.client_eval import ClientEvaluations, largest_client
 from fedtune.runtime.base import Capabilities
-from fedtune.training.steps import all_finite, make_optimizer, train_steps
+from fedtune.training.steps import all_finite, make_optimizer, train_steps, update_norm_failure
 from fedtune.training.streams import SampleStream
 
 
@@ -42,6 +42,7 @@ class LocalOnly(Paradigm):
                              max_grad_norm=cfg.train.max_grad_norm, on_step=ctx.progress.step)
         state = adapter_state(ctx.model)
         failure = result.failure or (None if all_finite(state) else "non-finite adapter weights")
+        failure = failure or update_norm_failure(state, self.client_states[cid], cfg.train.max_update_ratio)
         if failure is None:
             self.client_states[cid] = state
         return {"flops": result.flops, "peak_memory": result.peak_memory_bytes, "loss": result.mean_loss,

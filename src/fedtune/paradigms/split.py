@@ -27,7 +27,7 @@ from fedtune.core.seeding import numpy_rng
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.models.lora import adapter_state, load_adapter_state
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
-from fedtune.runtime.base import Capabilities, ClientJob, ClientLost, with_quorum
+from fedtune.runtime.base import Capabilities, ClientJob, ClientLost, lost_records, with_quorum
 from fedtune.split.adaptive import adapt_cuts
 from fedtune.split.aggregation import aggregate_blocks
 from fedtune.split.cut import Cut, CutError, SplitModel, find_blocks
@@ -36,6 +36,7 @@ from fedtune.split.placement import place_by_profiles
 from fedtune.split.protocol import TensorDict
 from fedtune.split.trainer import SplitTrainer, blocks_of_keys
 from fedtune.training.evaluation import evaluate
+from fedtune.training.steps import all_finite, update_norm_failure
 from fedtune.training.streams import SampleStream
 
 
@@ -58,6 +59,13 @@ class Session:
 
 def _compression_on(cfg) -> bool:
     return cfg.compression.method != "none" or cfg.compression.codec != "none"
+
+
+def _body_failure(body: TensorDict, start: TensorDict, max_ratio: float | None) -> str | None:
+    """Why a session is rejected for the server's body blocks after it (not finite, or moved more than
+    ``train.max_update_ratio`` from ``start``, the body the server started the session from), or None."""
+    failure = (None if all_finite(body) else "non-finite weights") or update_norm_failure(body, start, max_ratio)
+    return f"server body: {failure}" if failure else None
 
 
 @PARADIGMS.register("split")
@@ -86,6 +94,13 @@ class SplitFed(Paradigm):
                              "blocks adjacent to the cut differ between clients and rounds")
         if s.cut_rank is not None and s.cut_rank > cfg.lora.r:
             raise ValueError(f"split.cut_rank ({s.cut_rank}) must not exceed lora.r ({cfg.lora.r})")
+        if cfg.model.source == "tiny" and s.cut_policy == "config":  # the layer count is in the config: check now
+            key = ("split.cuts" if s.cuts is not None else "split.cut") + (" with split.tail" if s.ushape else "")
+            for head in s.cuts if s.cuts is not None else [s.cut]:
+                try:
+                    Cut(head, s.tail if s.ushape else 0).check(cfg.model.tiny.num_layers)
+                except CutError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
 
     @classmethod
     def lora_rank_pattern(cls, cfg, base_model) -> dict[str, int] | None:
@@ -187,6 +202,9 @@ class SplitFed(Paradigm):
                      client_memory=client_end.peak_memory, server_memory=server_end.peak_memory, caches=caches)
         if client_end.upload.kind == "client_failure":
             return Session(None, None, run.mean_loss, failure=client_end.upload.meta["reason"], **stats)
+        failure = _body_failure(server_end.body, body, ctx.cfg.train.max_update_ratio)
+        if failure:
+            return Session(None, None, run.mean_loss, failure=failure, **stats)
         return Session(client_end.upload.tensors, server_end.body, run.mean_loss, **stats)
 
     # -- the round ----------------------------------------------------------------------------
@@ -198,9 +216,11 @@ class SplitFed(Paradigm):
             self.channels.load_round_state(saved)
             raise
 
-    def _sessions(self, round: int, clients: list[int]) -> tuple[dict[int, Session], dict[int, str], TensorDict]:
+    def _sessions(self, round: int, clients: list[int]) -> tuple[dict[int, Session], dict[int, str], dict[int, str],
+                                                                 TensorDict]:
         """Every sampled client's session (lost ones retried while too few replied): (sessions that arrived,
-        lost turns, the shared server body at the end of the round (V2; empty for V1))."""
+        lost turns, turns lost and then retried successfully, the shared server body at the end of the round (V2;
+        empty for V1))."""
         cfg = self.ctx.cfg
         shared = cfg.split.server_adapter == "shared"
         server_body: TensorDict = {}  # V2: the shared body adapter as it evolves through the round
@@ -222,16 +242,17 @@ class SplitFed(Paradigm):
             self.ctx.progress.log(f"[yellow]round {round}: retrying the lost sessions of clients {sorted(lost)}")
 
         need = min(cfg.federation.min_clients, len(clients))
-        lost = with_quorum(round, clients, need, cfg.runtime.max_retries, attempt, on_retry)
-        return sessions, lost, server_body
+        retried: dict[int, str] = {}
+        lost = with_quorum(round, clients, need, cfg.runtime.max_retries, attempt, on_retry, retried)
+        return sessions, lost, retried, server_body
 
     def _round(self, round: int) -> RoundResult:
         cfg = self.ctx.cfg
         clients = sample_clients(cfg, round)
         self._sessions_done = 0
         out = RoundResult(train_loss=None, clients=clients)
-        sessions, lost, server_body = self._sessions(round, clients)
-        out.rejected.extend({"client": c, "reason": r, "lost": True} for c, r in sorted(lost.items()))
+        sessions, lost, retried, server_body = self._sessions(round, clients)
+        out.rejected.extend(lost_records(lost, retried))  # retried ones marked "retried": their session arrived
         trained = {}
         for cid, session in sessions.items():
             self.streams[cid].load_state_dict(session.stream)

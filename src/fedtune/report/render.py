@@ -216,7 +216,7 @@ def _rounds_section(metrics: list[dict[str, Any]]) -> list[str]:
             format_bytes(m.get("downlink_bytes")),
             format_flops(m.get("client_flops")),
             fmt_num(m.get("wall_s"), 1),
-            len(m.get("rejected") or []),
+            sum(not r.get("retried") for r in m.get("rejected") or []),  # a retried lost turn's update arrived
         ]
         for m in metrics
     ]

@@ -66,14 +66,24 @@ class ClientReply:
 
 @dataclass
 class RoundReplies:
-    """The replies that arrived, and the clients whose turn was lost (worker died, timed out) with why."""
+    """The replies that arrived, the clients whose turn was lost (worker died, timed out) with why, and those whose
+    turn was lost in an earlier attempt of the round and replied when retried (with why it was lost)."""
 
     replies: dict[int, ClientReply] = field(default_factory=dict)
     lost: dict[int, str] = field(default_factory=dict)
+    retried: dict[int, str] = field(default_factory=dict)
 
     def lost_records(self) -> list[dict]:
-        """Entries for ``RoundResult.rejected`` (and so metrics.jsonl and summary.json)."""
-        return [{"client": c, "reason": r, "lost": True} for c, r in sorted(self.lost.items())]
+        """Entries for ``RoundResult.rejected`` (and so metrics.jsonl and summary.json), by client: ``"lost": true``
+        for each lost turn; a retried one is marked ``"retried": true`` too (its update arrived: not a rejection)."""
+        return lost_records(self.lost, self.retried)
+
+
+def lost_records(lost: dict[int, str], retried: dict[int, str]) -> list[dict]:
+    """The ``rejected`` entries of a round's lost turns (``lost``) and of its retried ones (``retried``), by client."""
+    records = [{"client": c, "reason": r, "lost": True} for c, r in lost.items()]
+    records += [{"client": c, "reason": r, "lost": True, "retried": True} for c, r in retried.items()]
+    return sorted(records, key=lambda item: item["client"])
 
 
 class ClientLost(Exception):
@@ -81,16 +91,20 @@ class ClientLost(Exception):
 
 
 def with_quorum(round: int, clients: list[int], need: int, retries: int,
-                attempt: Callable[[list[int]], dict[int, str]], on_retry: Callable[[dict[int, str]], None]) -> dict[int, str]:
+                attempt: Callable[[list[int]], dict[int, str]], on_retry: Callable[[dict[int, str]], None],
+                retried: dict[int, str] | None = None) -> dict[int, str]:
     """Run ``attempt(clients)`` (it returns the lost turns, {client: why}); while fewer than ``need`` clients replied,
     retry the lost ones (after ``on_retry(lost)``) up to ``retries`` times. Returns the turns still lost; raises
-    :class:`ClientQuorumError` when too few replied in the end."""
+    :class:`ClientQuorumError` when too few replied in the end. ``retried`` (when given) is filled with the turns
+    lost in an attempt that replied in a later one, {client: why it was lost}."""
     lost = attempt(list(clients))
     for _ in range(retries):
         if not lost or len(clients) - len(lost) >= need:
             break
         on_retry(lost)
-        lost = attempt(sorted(lost))
+        before, lost = lost, attempt(sorted(lost))
+        if retried is not None:
+            retried.update({c: why for c, why in before.items() if c not in lost})
     if len(clients) - len(lost) < need:
         detail = "; ".join(f"client {c}: {r}" for c, r in sorted(lost.items()))
         raise ClientQuorumError(

@@ -19,7 +19,9 @@ clients if at least ``federation.min_clients`` replied; otherwise the lost turns
 ``runtime.max_retries`` times (:func:`~fedtune.runtime.base.with_quorum`), and then
 :class:`~fedtune.core.errors.ClientQuorumError` stops the run (the runner leaves a checkpoint of the last complete
 round to resume from). Lost turns are recorded in the round's ``rejected`` list with ``"lost": true`` and the
-reason; the client's state is untouched, so it simply takes part again the next time it is sampled.
+reason; the client's state is untouched, so it simply takes part again the next time it is sampled. A turn lost and
+then retried successfully is recorded too, with ``"retried": true`` (its update arrived: not a rejection), and the
+download its retry sent again (for split, the session's) is marked as retransmitted in the ledger.
 
 Connecting: :mod:`fedtune.runtime.ray_connect`.
 """
@@ -66,6 +68,7 @@ class RayBackend(Backend):
         super().__init__(ctx, capabilities, build_copy)
         self.pool = WorkerPool(ctx, build_copy, with_server=capabilities.split_sessions)
         self._server_synced = False  # whether the server's worker holds the driver's server-side reuse caches
+        self._session_sent: set[tuple[int, int]] = set()  # (round, client) sent a split session's download this round
         self.lost_turns = 0
         self.retries = 0
 
@@ -90,10 +93,11 @@ class RayBackend(Backend):
         cfg, round = self.ctx.cfg, jobs[0].round
         by_client = {job.client: job for job in jobs}
         out = RoundReplies()
+        sent: set[int] = set()  # clients sent their download in this call (a retry's is a retransmission)
 
         def attempt(clients: list[int]) -> dict[int, str]:
             self.pool.revive()
-            lost = self._attempt([by_client[c] for c in clients], out)
+            lost = self._attempt([by_client[c] for c in clients], out, sent)
             self.lost_turns += len(lost)
             return lost
 
@@ -103,13 +107,14 @@ class RayBackend(Backend):
                                   f"(min_clients = {need}); retrying clients {sorted(lost)}")
 
         need = min(cfg.federation.min_clients, len(jobs))
-        out.lost = with_quorum(round, list(by_client), need, cfg.runtime.max_retries, attempt, on_retry)
+        out.lost = with_quorum(round, list(by_client), need, cfg.runtime.max_retries, attempt, on_retry, out.retried)
         for cid, why in sorted(out.lost.items()):
             self.ctx.progress.log(f"[yellow]round {round}: client {cid} lost: {why}")
         return out
 
-    def _dispatch(self, queue: deque, inflight: dict, timeout: float) -> None:
-        """Hand queued jobs to idle workers (their downloads encoded and recorded now)."""
+    def _dispatch(self, queue: deque, inflight: dict, timeout: float, sent: set[int]) -> None:
+        """Hand queued jobs to idle workers (their downloads encoded and recorded now; one already ``sent`` in an
+        earlier attempt is recorded as a retransmission)."""
         for slot in self.pool.slots:
             if not queue:
                 break
@@ -118,7 +123,9 @@ class RayBackend(Backend):
             job = queue.popleft()
             data = None
             if job.download is not None:
-                data = self.ctx.transport.send(job.download, round=job.round, client=job.client, direction=DOWN)
+                data = self.ctx.transport.send(job.download, round=job.round, client=job.client, direction=DOWN,
+                                               retransmit=job.client in sent)
+                sent.add(job.client)
             ref = slot.actor.run.remote(job.round, job.client, data, job.state)
             slot.state = "busy"
             inflight[ref] = (slot, job, time.monotonic() + timeout)
@@ -155,8 +162,9 @@ class RayBackend(Backend):
             if slot.state == "starting" and now >= slot.start_deadline:
                 self.pool.expire(slot, f"did not start within {rt.start_timeout_s:g} s")
 
-    def _attempt(self, jobs: list[ClientJob], out: RoundReplies) -> dict[int, str]:
-        """Run ``jobs`` over the pool once; fills ``out.replies`` and returns the lost turns {client: reason}."""
+    def _attempt(self, jobs: list[ClientJob], out: RoundReplies, sent: set[int]) -> dict[int, str]:
+        """Run ``jobs`` over the pool once; fills ``out.replies`` and ``sent`` (the clients whose download was sent)
+        and returns the lost turns {client: reason}."""
         import ray
 
         rt = self.ctx.cfg.runtime
@@ -165,7 +173,7 @@ class RayBackend(Backend):
         lost: dict[int, str] = {}
         timeout = rt.client_timeout_s if rt.client_timeout_s is not None else float("inf")
         while queue or inflight:
-            self._dispatch(queue, inflight, timeout)
+            self._dispatch(queue, inflight, timeout, sent)
             starting = [s for s in self.pool.slots if s.state == "starting"]
             if queue and not inflight and not starting:
                 error = next((s.error for s in self.pool.slots if s.error), "")
@@ -220,7 +228,10 @@ class RayBackend(Backend):
         slot = self.pool.idle_slot()
         if slot is None:
             raise ClientLost("no worker available")
-        data = self.ctx.transport.send(job.download, round=job.round, client=job.client, direction=DOWN)
+        key = (job.round, job.client)  # a session retried in its round gets its download again: a retransmission
+        data = self.ctx.transport.send(job.download, round=job.round, client=job.client, direction=DOWN,
+                                       retransmit=key in self._session_sent)
+        self._session_sent = {k for k in self._session_sent if k[0] == job.round} | {key}
         baton: dict = {"rng": None}  # the generator state, handed from side to side with the messages
         client = RayClient(self, slot, job.round, job.client, baton)
         server = RayServer(self, server_slot, job.round, job.client, baton, channels, client)

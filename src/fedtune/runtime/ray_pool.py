@@ -85,7 +85,8 @@ class WorkerPool:
     def _worker_env(self) -> dict[str, str]:
         import fedtune
 
-        env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(self._threads())}
+        env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(self._threads()),
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}  # workers share cores: never spin
         env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
         source = Path(fedtune.__file__).resolve().parents[1]
         if source.name == "src":  # running from a source checkout, not an installed package: let workers import it

@@ -38,7 +38,7 @@ def _copy_key(data: dict) -> str:
     data = json.loads(json.dumps(data))
     for key in ("name", "checkpoint"):
         data.pop(key, None)
-    for key in ("rounds", "min_clients"):
+    for key in ("rounds", "min_clients", "stop_after_rejected_rounds"):
         data.get("federation", {}).pop(key, None)
     data["runtime"] = {k: data.get("runtime", {}).get(k) for k in ("device", "threads")}
     return json.dumps(data, sort_keys=True)

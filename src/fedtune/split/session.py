@@ -30,7 +30,7 @@ from fedtune.models.memory import MemoryMeter
 from fedtune.split.cut import Cut
 from fedtune.split.protocol import ClientResult, ServerResult, SideReport, StepInfo, TensorDict, step_failure
 from fedtune.split.trainer import SplitTrainer
-from fedtune.training.steps import all_finite, make_optimizer
+from fedtune.training.steps import all_finite, make_optimizer, update_norm_failure
 from fedtune.training.streams import SampleStream
 
 
@@ -104,6 +104,7 @@ class ClientSide(_Side):
         blocks = set(cut.client_blocks(self.L))
         self.keys = trainer.keys(blocks)
         load_blocks(self.ctx.model, adapter)
+        self.start = adapter  # what the client downloaded: its update's norm is measured against it
         seed_torch(cfg.seed, "split-train", round, cid)
         self.opt = make_optimizer(trainer.params(blocks), cfg.train.lr, cfg.train.weight_decay)
         self.meter = MemoryMeter(self.device, by_tensors=True)
@@ -166,6 +167,7 @@ class ClientSide(_Side):
         client_state = {k: state[k] for k in self.keys}
         if failure is None and not all_finite(client_state):
             failure = "non-finite client adapter weights"
+        failure = failure or update_norm_failure(client_state, self.start, self.ctx.cfg.train.max_update_ratio)
         if failure:
             message = Message("client_failure", meta={"reason": failure})
         else:

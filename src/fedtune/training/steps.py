@@ -36,6 +36,32 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
+def update_ratio(new: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """||new - start|| / ||start||, each norm over all of ``start``'s tensors together, in float64 (``new`` holds
+    the same keys): how far an update moved from the weights it started from. inf if ``start`` is all zero and
+    ``new`` is not."""
+    moved = size = 0.0
+    for key, s in start.items():
+        s64 = s.detach().to("cpu", torch.float64)
+        moved += float((new[key].detach().to("cpu", torch.float64) - s64).square().sum())
+        size += float(s64.square().sum())
+    if size == 0.0:
+        return 0.0 if moved == 0.0 else math.inf
+    return math.sqrt(moved / size)
+
+
+def update_norm_failure(new: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                        max_ratio: float | None) -> str | None:
+    """Why an update is rejected for moving too far (``train.max_update_ratio``: ||new - start|| > max_ratio *
+    ||start||, see :func:`update_ratio`), or None (within the bound, or ``max_ratio`` None: no bound)."""
+    if max_ratio is None:
+        return None
+    ratio = update_ratio(new, start)
+    if ratio <= max_ratio:
+        return None
+    return f"update norm {ratio:.3g} x its starting weights' (train.max_update_ratio = {max_ratio:g})"
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
