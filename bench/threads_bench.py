@@ -28,16 +28,28 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
 
 
+#: How idle OpenMP threads wait, as environment settings (libgomp: spin GOMP_SPINCOUNT times, then sleep).
+#: OMP_WAIT_POLICY "" is no policy to OpenMP (its own default) and keeps fedtune's own default off.
+POLICIES = {
+    "OpenMP default": {"OMP_WAIT_POLICY": ""},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "GOMP_SPINCOUNT=10000": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"},
+}
+
+
 def _env(policy: str, cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    env.update(FEDTUNE_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    # "" is no policy to OpenMP (its own default: spin a while, then sleep), and keeps fedtune's PASSIVE default off
-    env["OMP_WAIT_POLICY"] = policy
+    drop = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(FEDTUNE_CACHE=str(cache), HF_HUB_OFFLINE="1", **POLICIES[policy])
     return env
 
 
+EXTRA: list[str] = []  # --set overrides for every run (e.g. a wider model)
+
+
 def _command(out: Path, threads: int, rounds: int) -> list[str]:
-    sets = [f"runtime.threads={threads}", f"federation.rounds={rounds}", "eval.metric=none", "runtime.progress=false"]
+    sets = [f"runtime.threads={threads}", f"federation.rounds={rounds}", "eval.metric=none", "runtime.progress=false",
+            *EXTRA]
     return [sys.executable, "-m", "fedtune", "run", str(TINY), "--out", str(out), *(x for s in sets for x in ("--set", s))]
 
 
@@ -50,16 +62,16 @@ def _round_seconds(out: Path) -> float:
 def _competitor(work: Path, cache: Path, rounds: int) -> subprocess.Popen:
     """A second fedtune run that keeps both cores busy (restarted by the caller while a cell runs)."""
     out = work / f"competitor-{len(list(work.glob('competitor-*')))}"
-    return subprocess.Popen(_command(out, 2, rounds * 50), env=_env("", cache), stdout=subprocess.DEVNULL,
+    return subprocess.Popen(_command(out, 2, rounds * 50), env=_env("OpenMP default", cache), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
 def measure(rounds: int, work: Path) -> list[dict]:
     cache = work / "cache"
-    subprocess.run(_command(work / "warm", 1, 1), env=_env("", cache), check=True, capture_output=True)
+    subprocess.run(_command(work / "warm", 1, 1), env=_env("OpenMP default", cache), check=True, capture_output=True)
     rows = []
-    for load, threads, policy in itertools.product(("alone", "busy"), (1, 2), ("", "PASSIVE")):
-        out = work / f"{load}-{threads}-{policy or 'default'}"
+    for load, threads, policy in itertools.product(("alone", "busy"), (1, 2), POLICIES):
+        out = work / f"{load}-{threads}-{policy.replace('=', '-').replace(' ', '-')}"
         competitor = _competitor(work, cache, rounds) if load == "busy" else None
         try:
             subprocess.run(_command(out, threads, rounds), env=_env(policy, cache), check=True, capture_output=True)
@@ -67,7 +79,7 @@ def measure(rounds: int, work: Path) -> list[dict]:
             if competitor is not None:
                 competitor.kill()
                 competitor.wait(timeout=60)
-        rows.append({"load": load, "threads": threads, "policy": policy or "unset (OpenMP default)",
+        rows.append({"load": load, "threads": threads, "policy": policy,
                      "round_s": _round_seconds(out)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -77,7 +89,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "threads")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of the waiting modes")
     args = parser.parse_args()
+    EXTRA.extend(args.set)
+    for name in set(POLICIES) - set(args.policies.split(",")):
+        del POLICIES[name]
     work = Path(tempfile.mkdtemp(prefix="fedtune-threads-"))
     try:
         rows = measure(args.rounds, work)
@@ -85,7 +102,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "threads.json").write_text(json.dumps(rows, indent=1))
-    print("| load | threads | OMP_WAIT_POLICY | s per round |\n|---|---|---|---|")
+    print("| load | threads | waiting | s per round |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['load']} | {r['threads']} | {r['policy']} | {r['round_s']:.2f} |")
     return 0

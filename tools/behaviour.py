@@ -160,9 +160,10 @@ def _runs(record: dict) -> dict[str, dict]:
 
 
 def check(a: Path, b: Path, details: bool) -> int:
-    """Print, per run and part (metrics, summary, partition, adapter), whether B differs from A; 1 if any does."""
+    """Print, per run and part (metrics, summary, partition, adapter), whether B differs from A; 1 if any does.
+    Keys only B has (fields a later version adds) are listed once, and are not differences."""
     ra, rb = (_runs(json.loads((p / "record.json" if p.is_dir() else p).read_text())) for p in (a, b))
-    differing = 0
+    differing, added = 0, set()
     for name in sorted(set(ra) | set(rb)):
         if name not in ra or name not in rb:
             print(f"{name}: only in {'B' if name not in ra else 'A'}")
@@ -171,11 +172,15 @@ def check(a: Path, b: Path, details: bool) -> int:
         for part in sorted(set(ra[name]) | set(rb[name])):
             found: list[str] = []
             _diff(ra[name].get(part), rb[name].get(part), "", found)
+            added |= {re.sub(r"\[\d+\]", "[]", f.split(":")[0]) for f in found if f.endswith(": only in B")}
+            found = [f for f in found if not f.endswith(": only in B")]
             if found:
                 differing += 1
                 print(f"{name}: {part} differs ({len(found)} entries)")
                 for line in found[:20] if details else []:
                     print(f"    {line}")
+    if added:
+        print(f"B adds: {', '.join(sorted(added))}")
     print(f"{len(ra)} runs: " + ("identical" if not differing else f"{differing} run parts differ"))
     return 1 if differing else 0
 
