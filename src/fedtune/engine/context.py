@@ -76,13 +76,11 @@ class RunContext:
 
 
 def build_model(cfg: RunConfig, device: torch.device, weightless: bool = False):
-    """(base model, base model with the paradigm's LoRA, tokenizer); weightless: on the meta device."""
-    if weightless:
-        base, tokenizer = weightless_model(cfg.model), load_tokenizer(cfg.model)
-    else:
-        base, tokenizer = load_model(cfg.model, device)
+    """(base model, base model with the paradigm's LoRA); weightless: on the meta device. (The run's tokenizer is
+    loaded apart, before the data: :func:`build_context`.)"""
+    base = weightless_model(cfg.model) if weightless else load_model(cfg.model, device)[0]
     rank_pattern = PARADIGMS.get(cfg.paradigm).lora_rank_pattern(cfg, base)
-    return base, attach_lora(base, cfg.lora, seed=cfg.seed, rank_pattern=rank_pattern), tokenizer
+    return base, attach_lora(base, cfg.lora, seed=cfg.seed, rank_pattern=rank_pattern)
 
 
 def _check_sizes(cfg: RunConfig, num_eval: int) -> None:
@@ -120,13 +118,15 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weigh
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
-    splits = load_splits(cfg.data, cfg.seed)  # before the model: a bad data file is reported at once
+    # Data, tokenizer and partitions before the weights: bad data or an impossible partition is reported at once.
+    splits = load_splits(cfg.data, cfg.seed)
     _check_sizes(cfg, len(splits.eval))
-    base, model, tokenizer = build_model(cfg, device, weightless)
-    _check_positions(cfg, base.config)
+    tokenizer = load_tokenizer(cfg.model)
     train = tokenize_examples(splits.train, tokenizer, cfg.data.max_length, cfg.data.chat_template)
     evals = tokenize_examples(splits.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template)
     parts, info = _partitions(cfg, train, splits.label_column)
+    base, model = build_model(cfg, device, weightless)
+    _check_positions(cfg, base.config)
     sample = splits.eval[cfg.eval.sample_index]
     references = reference_sets(splits.eval, cfg.eval.metric_samples) if cfg.eval.metric != "none" else []
     ledger = Ledger()
