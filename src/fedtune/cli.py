@@ -64,6 +64,16 @@ def _plan(args: argparse.Namespace, console: Console) -> None:
     print_plan(cfg, args.round, Console())
 
 
+def _partition(args: argparse.Namespace, console: Console) -> None:
+    from fedtune.config import load_config
+    from fedtune.engine.partition_files import write_partition_files
+
+    cfg = load_config(args.config, args.set)
+    files = write_partition_files(cfg, Path(args.out))
+    console.print(f"wrote {len(files)} client files, eval.jsonl and partition.json to {args.out} (read one back "
+                  f"with --set data.dataset=local --set data.path={files[0]})")
+
+
 def _report(args: argparse.Namespace, console: Console) -> None:
     from fedtune.report.render import write_report
 
@@ -113,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     plan.add_argument("--round", type=int, default=1, help="round whose channel draw is planned (default 1)")
     plan.set_defaults(handler=_plan)
+
+    partition = sub.add_parser("partition", help="write each client's training data as its own file "
+                               "(client-K.jsonl), partitioned as a run of the config would, and eval.jsonl")
+    partition.add_argument("config", help="TOML config ([data], [partition], federation.num_clients)")
+    partition.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    partition.add_argument("--out", required=True, help="folder for the files")
+    partition.set_defaults(handler=_partition)
 
     report = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     report.add_argument("run_dir")

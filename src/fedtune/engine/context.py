@@ -22,7 +22,7 @@ from fedtune.core.progress import RunProgress
 from fedtune.data.formatting import collate, format_prompt, tokenize_examples
 from fedtune.data.partition import partition_indices, partition_summary
 from fedtune.data.references import reference_sets
-from fedtune.data.sources import load_splits
+from fedtune.data.sources import DataSplits, load_splits
 from fedtune.models.flops import ModelCost, model_cost
 from fedtune.models.loading import load_model, load_tokenizer, resolve_device, weightless_model
 from fedtune.models.lora import attach_lora
@@ -96,6 +96,29 @@ def _check_positions(cfg: RunConfig, config) -> None:
                           f"allowed: 8..{positions}")
 
 
+@dataclass
+class RunData:
+    """A run's data as its clients and server hold it: raw splits, tokenized rows, each client's rows."""
+
+    splits: DataSplits
+    tokenizer: object
+    train: object  # the tokenized training split (row i of splits.train)
+    evals: object
+    partitions: list[list[int]]
+    partition_info: dict
+
+
+def load_run_data(cfg: RunConfig) -> RunData:
+    """Load, check, tokenize and partition the data exactly as a run of ``cfg`` does (no model weights)."""
+    splits = load_splits(cfg.data, cfg.seed)
+    _check_sizes(cfg, len(splits.eval))
+    tokenizer = load_tokenizer(cfg.model)
+    train = tokenize_examples(splits.train, tokenizer, cfg.data.max_length, cfg.data.chat_template)
+    evals = tokenize_examples(splits.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template)
+    parts, info = _partitions(cfg, train, splits.label_column)
+    return RunData(splits, tokenizer, train, evals, parts, info)
+
+
 def _partitions(cfg: RunConfig, train, label_column: str | None) -> tuple[list[list[int]], dict]:
     """Each client's rows, less the rows the paradigm reserves (before anything is written or planned from them)."""
     parts = partition_indices(train, cfg.partition, cfg.federation.num_clients, cfg.seed, label_column)
@@ -119,12 +142,9 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weigh
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
     # Data, tokenizer and partitions before the weights: bad data or an impossible partition is reported at once.
-    splits = load_splits(cfg.data, cfg.seed)
-    _check_sizes(cfg, len(splits.eval))
-    tokenizer = load_tokenizer(cfg.model)
-    train = tokenize_examples(splits.train, tokenizer, cfg.data.max_length, cfg.data.chat_template)
-    evals = tokenize_examples(splits.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template)
-    parts, info = _partitions(cfg, train, splits.label_column)
+    data = load_run_data(cfg)
+    splits, tokenizer, train, evals, parts, info = (data.splits, data.tokenizer, data.train, data.evals,
+                                                    data.partitions, data.partition_info)
     base, model = build_model(cfg, device, weightless)
     _check_positions(cfg, base.config)
     sample = splits.eval[cfg.eval.sample_index]
