@@ -42,33 +42,33 @@ class Ledger:
             row[3] += 1
             row[4] += nbytes
 
-    def _select(self, **filters) -> list[tuple[LedgerKey, list[int]]]:
-        return [
-            (key, row)
-            for key, row in self._rows.items()
-            if all(value is None or getattr(key, name) == value for name, value in filters.items())
-        ]
-
-    def bytes(self, *, round: int | None = None, client: int | None = None,
-              direction: str | None = None, kind: str | None = None) -> int:
-        return sum(row[1] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
-
-    def baseline_bytes(self, *, round: int | None = None, client: int | None = None,
-                       direction: str | None = None, kind: str | None = None) -> int:
-        return sum(row[2] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
+    def _total(self, column: int, round: int | None, client: int | None, direction: str | None,
+               kind: str | None) -> int:
+        """The sum of one column (messages, bytes, baseline, retransmitted messages, bytes) over the matching rows."""
+        wanted = {"round": round, "client": client, "direction": direction, "kind": kind}
+        return sum(row[column] for key, row in self._rows.items()
+                   if all(value is None or getattr(key, name) == value for name, value in wanted.items()))
 
     def messages(self, *, round: int | None = None, client: int | None = None,
                  direction: str | None = None, kind: str | None = None) -> int:
-        return sum(row[0] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
+        return self._total(0, round, client, direction, kind)
+
+    def bytes(self, *, round: int | None = None, client: int | None = None,
+              direction: str | None = None, kind: str | None = None) -> int:
+        return self._total(1, round, client, direction, kind)
+
+    def baseline_bytes(self, *, round: int | None = None, client: int | None = None,
+                       direction: str | None = None, kind: str | None = None) -> int:
+        return self._total(2, round, client, direction, kind)
+
+    def retransmitted_messages(self, *, round: int | None = None, client: int | None = None,
+                               direction: str | None = None, kind: str | None = None) -> int:
+        return self._total(3, round, client, direction, kind)
 
     def retransmitted_bytes(self, *, round: int | None = None, client: int | None = None,
                             direction: str | None = None, kind: str | None = None) -> int:
         """The bytes of messages sent again (part of :meth:`bytes`, not in addition to it)."""
-        return sum(row[4] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
-
-    def retransmitted_messages(self, *, round: int | None = None, client: int | None = None,
-                               direction: str | None = None, kind: str | None = None) -> int:
-        return sum(row[3] for _, row in self._select(round=round, client=client, direction=direction, kind=kind))
+        return self._total(4, round, client, direction, kind)
 
     def clients(self) -> list[int]:
         return sorted({key.client for key in self._rows})

@@ -143,8 +143,7 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weigh
     device = resolve_device(cfg.runtime.device)
     # Data, tokenizer and partitions before the weights: bad data or an impossible partition is reported at once.
     data = load_run_data(cfg)
-    splits, tokenizer, train, evals, parts, info = (data.splits, data.tokenizer, data.train, data.evals,
-                                                    data.partitions, data.partition_info)
+    splits, tokenizer, train, evals = data.splits, data.tokenizer, data.train, data.evals
     base, model = build_model(cfg, device, weightless)
     _check_positions(cfg, base.config)
     sample = splits.eval[cfg.eval.sample_index]
@@ -158,7 +157,7 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weigh
         sample_reference=sample["response"],
         metric_prompts=[format_prompt(tokenizer, p, cfg.data.chat_template) for p, _ in references],
         metric_references=[refs for _, refs in references],
-        partitions=parts, partition_info=info, cost=model_cost(model), ledger=ledger, transport=Transport(ledger),
+        partitions=data.partitions, partition_info=data.partition_info, cost=model_cost(model), ledger=ledger, transport=Transport(ledger),
         progress=progress, run_dir=Path(run_dir),
     )
     capabilities = PARADIGMS.get(cfg.paradigm).capabilities
