@@ -74,6 +74,43 @@ def _partition(args: argparse.Namespace, console: Console) -> None:
                   f"with --set data.dataset=local --set data.path={files[0]})")
 
 
+def _deploy_init(args: argparse.Namespace, console: Console) -> None:
+    from fedtune.config import load_config
+    from fedtune.deploy.app_files import write_app
+
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir or Path(args.out) / "run")
+    out = write_app(cfg, Path(args.out), run_dir)
+    console.print(f"wrote the Flower app to {out}; start it with `flwr run {out} <superlink>` (its run directory: "
+                  f"{run_dir.expanduser().resolve()})")
+
+
+def _deploy_credentials(args: argparse.Namespace, console: Console) -> None:
+    from fedtune.deploy.credentials import make_credentials
+
+    creds = make_credentials(Path(args.out), args.hosts.split(","), args.nodes)
+    console.print(f"wrote {creds.ca_cert}, {creds.server_cert}, {creds.server_key} and {args.nodes} SuperNode "
+                  f"key pairs under {creds.root / 'keys'}")
+
+
+def _add_deploy(sub) -> None:
+    deploy = sub.add_parser("deploy", help="run a federation across machines on Flower").add_subparsers(
+        dest="deploy_command", required=True)
+    init = deploy.add_parser("init", help="write a Flower app (pyproject and app module) for a config")
+    init.add_argument("config", help="TOML config of the run")
+    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    init.add_argument("--out", required=True, help="folder for the app")
+    init.add_argument("--run-dir", help="where the ServerApp writes the run directory (default: OUT/run)")
+    init.set_defaults(handler=_deploy_init)
+    creds = deploy.add_parser("credentials", help="a self-signed CA, the SuperLink's TLS certificate and "
+                              "SuperNode authentication keys (laboratories and tests)")
+    creds.add_argument("--out", required=True, help="folder for certificates/ and keys/")
+    creds.add_argument("--hosts", default="127.0.0.1,localhost",
+                       help="comma-separated addresses the SuperLink is reached at (certificate names)")
+    creds.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make")
+    creds.set_defaults(handler=_deploy_credentials)
+
+
 def _report(args: argparse.Namespace, console: Console) -> None:
     from fedtune.report.render import write_report
 
@@ -130,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     partition.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     partition.add_argument("--out", required=True, help="folder for the files")
     partition.set_defaults(handler=_partition)
+
+    _add_deploy(sub)
 
     report = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     report.add_argument("run_dir")

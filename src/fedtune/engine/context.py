@@ -8,7 +8,7 @@ on PyTorch's ``meta`` device: shapes only), ``fedtune plan``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -58,6 +58,8 @@ class RunContext:
     #: The simulated wireless network (``fedtune.network.simtime.NetworkSim``) when ``[network]`` is on: per-round
     #: plans (band shares, pruning rates the paradigm asks it for), straggler checks, simulated seconds.
     network: NetworkSim | None = None
+    #: Training rows the paradigm reserves for itself (KD's public set: ``Paradigm.reserved_rows``), in no partition.
+    public_rows: list[int] = field(default_factory=list)
 
     @property
     def pad_token_id(self) -> int:
@@ -106,6 +108,7 @@ class RunData:
     evals: object
     partitions: list[list[int]]
     partition_info: dict
+    reserved: list[int]  # rows the paradigm keeps out of every partition (KD's public set)
 
 
 def load_run_data(cfg: RunConfig) -> RunData:
@@ -115,14 +118,14 @@ def load_run_data(cfg: RunConfig) -> RunData:
     tokenizer = load_tokenizer(cfg.model)
     train = tokenize_examples(splits.train, tokenizer, cfg.data.max_length, cfg.data.chat_template)
     evals = tokenize_examples(splits.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template)
-    parts, info = _partitions(cfg, train, splits.label_column)
-    return RunData(splits, tokenizer, train, evals, parts, info)
+    reserved = PARADIGMS.get(cfg.paradigm).reserved_rows(cfg, len(train))
+    parts, info = _partitions(cfg, train, splits.label_column, set(reserved))
+    return RunData(splits, tokenizer, train, evals, parts, info, reserved)
 
 
-def _partitions(cfg: RunConfig, train, label_column: str | None) -> tuple[list[list[int]], dict]:
+def _partitions(cfg: RunConfig, train, label_column: str | None, reserved: set[int]) -> tuple[list[list[int]], dict]:
     """Each client's rows, less the rows the paradigm reserves (before anything is written or planned from them)."""
     parts = partition_indices(train, cfg.partition, cfg.federation.num_clients, cfg.seed, label_column)
-    reserved = set(PARADIGMS.get(cfg.paradigm).reserved_rows(cfg, len(train)))
     if reserved:
         parts = [[i for i in part if i not in reserved] for part in parts]
     column = cfg.partition.column or label_column
@@ -134,10 +137,10 @@ def _partitions(cfg: RunConfig, train, label_column: str | None) -> tuple[list[l
 
 
 def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weightless: bool = False,
-                  network: bool = True) -> RunContext:
+                  network: bool = True, backend_resources: dict | None = None) -> RunContext:
     """Load model, tokenizer and data; tokenize; partition; make the backend and (unless ``network`` is false) the
     simulated network. Raises FedtuneError subclasses on bad input. ``weightless``: the model has shapes but no
-    weights (planning, not training)."""
+    weights (planning, not training). ``backend_resources``: handed to the backend (the Flower ServerApp's grid)."""
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
@@ -158,10 +161,10 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weigh
         metric_prompts=[format_prompt(tokenizer, p, cfg.data.chat_template) for p, _ in references],
         metric_references=[refs for _, refs in references],
         partitions=data.partitions, partition_info=data.partition_info, cost=model_cost(model), ledger=ledger, transport=Transport(ledger),
-        progress=progress, run_dir=Path(run_dir),
+        progress=progress, run_dir=Path(run_dir), public_rows=data.reserved,
     )
     capabilities = PARADIGMS.get(cfg.paradigm).capabilities
-    ctx.backend = make_backend(ctx, capabilities, build_worker_copy)
+    ctx.backend = make_backend(ctx, capabilities, build_worker_copy, **(backend_resources or {}))
     ctx.network = _network(ctx, weightless) if network else None
     return ctx
 

@@ -2,7 +2,7 @@
 
 For laboratory federations (issue 19's deployment): every client organisation gets ``client-K.jsonl``, which
 fedtune reads back with ``data.dataset = "local"`` (prompt/response records and their metadata columns); the
-server keeps ``eval.jsonl``. ``partition.json`` is the same summary a run writes.
+server keeps ``eval.jsonl``; a paradigm with a public set (KD) gets ``public.jsonl``, which every client reads. ``partition.json`` is the same summary a run writes.
 """
 
 from __future__ import annotations
@@ -21,17 +21,20 @@ def _jsonl(rows) -> bytes:
 
 
 def write_partition_files(cfg: RunConfig, out: Path) -> list[Path]:
-    """Write ``client-K.jsonl`` per client, ``eval.jsonl`` and ``partition.json`` into ``out``; returns the client
-    files. Rows the paradigm reserves (KD's public set) belong to no client and are left out."""
+    """Write ``client-K.jsonl`` per client, ``eval.jsonl``, ``public.jsonl`` (KD) and ``partition.json`` into
+    ``out``; returns the client files. Rows the paradigm reserves (KD's public set) belong to no client and are left out."""
     data = load_run_data(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train = data.splits.train
+    # The tokenized split (rows without response tokens dropped), so the partitions' indices are its rows.
+    train = data.train.remove_columns([c for c in ("input_ids", "labels", "length") if c in data.train.column_names])
     files = []
     for cid, rows in enumerate(data.partitions):
         path = out / f"client-{cid}.jsonl"
         atomic_write(path, _jsonl(train[i] for i in rows))
         files.append(path)
+    if data.reserved:  # KD's public set: every client reads it (node config public-path)
+        atomic_write(out / "public.jsonl", _jsonl(train[i] for i in data.reserved))
     atomic_write(out / "eval.jsonl", _jsonl(data.splits.eval))
     atomic_write(out / "partition.json", json.dumps(json_safe(data.partition_info), indent=1).encode())
     return files

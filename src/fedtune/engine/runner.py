@@ -56,8 +56,10 @@ def training_fingerprint(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
 class Runner:
     """Runs one configuration into one run directory, resumable from its last checkpoint."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, console: Console | None = None) -> None:
+    def __init__(self, cfg: RunConfig, out_dir: Path, console: Console | None = None,
+                 backend_resources: dict | None = None) -> None:
         self.cfg = cfg
+        self.backend_resources = backend_resources  # what the backend needs from the hosting process (Flower: grid)
         self.out = Path(out_dir)
         self.console = console or Console(stderr=True)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
@@ -211,7 +213,7 @@ class Runner:
         cfg = self.cfg
         folder = self._prepare_dir(resume)
         progress = RunProgress(cfg.runtime.progress, self.console)
-        ctx = self._ctx = build_context(cfg, progress, self.out)
+        ctx = self._ctx = build_context(cfg, progress, self.out, backend_resources=self.backend_resources)
         self._write_partition(ctx)
         paradigm = PARADIGMS.get(cfg.paradigm)(ctx)
         done = self._restore(folder, paradigm, ctx) if folder is not None else 0

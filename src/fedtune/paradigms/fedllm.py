@@ -35,6 +35,7 @@ from fedtune.training.streams import SampleStream
 @PARADIGMS.register("fedllm")
 class FedLLM(Paradigm):
     capabilities = Capabilities(client_jobs=True, prunes_clients=True, drops_stragglers=True)
+    private_state = ("stream",)
     exclusive_settings = {"pruning.rates applies to paradigm 'fedllm'": lambda cfg: any(cfg.pruning.rates)}
     own_sections = ("pruning",)
 

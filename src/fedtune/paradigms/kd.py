@@ -56,7 +56,8 @@ def _response_count(sample: dict) -> int:
 
 @PARADIGMS.register("kd")
 class KDFed(Paradigm):
-    capabilities = Capabilities(client_jobs=True, client_adapters=True)
+    capabilities = Capabilities(client_jobs=True, client_adapters=True, public_set=True)
+    private_state = ("adapter", "stream", "public_stream")
     exclusive_settings = {"kd.client_models applies to paradigm 'kd'": lambda cfg: bool(cfg.kd.client_models)}
     own_sections = ("kd",)
 
@@ -85,7 +86,7 @@ class KDFed(Paradigm):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg, kd = ctx.cfg, ctx.cfg.kd
-        self.public_ids = self.reserved_rows(cfg, len(ctx.train_samples))  # the context left them out of partitions
+        self.public_ids = ctx.public_rows  # reserved_rows, left out of the partitions by the context
         empty = [cid for cid, part in enumerate(ctx.partitions) if not part]
         if empty:
             raise ConfigError(f"kd.public_samples = {kd.public_samples} leaves client(s) {empty} with no private "

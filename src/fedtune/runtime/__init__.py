@@ -5,7 +5,7 @@ Ray pool, its fault handling and how it connects to a cluster.
 """
 
 # Importing the implementations registers them (the Ray one imports ray only when it starts).
-from fedtune.runtime import inprocess, ray_backend  # noqa: E402,F401
+from fedtune.runtime import flower_backend, inprocess, ray_backend  # noqa: E402,F401
 from fedtune.runtime.base import (
                                   BACKENDS,
                                   Backend,

@@ -37,6 +37,7 @@ class Capabilities:
     prunes_clients: bool = False  # clients train pruned models at per-round rates (from a planner)
     drops_stragglers: bool = False  # clients missing network.deadline_s are left out of the round's aggregate
     client_adapters: bool = False  # every client keeps its own adapter (no global model is averaged)
+    public_set: bool = False  # clients also use a public set of rows the paradigm reserves (KD's ``reserved_rows``)
 
 
 #: Builds a worker's own copy of a run from its resolved configuration and a scratch directory: (context, paradigm).
@@ -145,8 +146,9 @@ class Backend:
         return {"backend": self.name}
 
 
-def make_backend(ctx, capabilities: Capabilities, build_copy: CopyBuilder | None = None) -> Backend:
-    """The backend named by ``runtime.backend`` for this run's context."""
+def make_backend(ctx, capabilities: Capabilities, build_copy: CopyBuilder | None = None, **resources) -> Backend:
+    """The backend named by ``runtime.backend`` for this run's context. ``resources``: what a backend needs from
+    the process hosting the run (the Flower backend: the ServerApp's ``grid``)."""
     import fedtune.runtime  # noqa: F401 - registers the implementations
 
-    return BACKENDS.get(ctx.cfg.runtime.backend)(ctx, capabilities, build_copy)
+    return BACKENDS.get(ctx.cfg.runtime.backend)(ctx, capabilities, build_copy, **resources)

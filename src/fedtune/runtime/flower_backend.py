@@ -1,0 +1,186 @@
+"""Flower backend (``runtime.backend = "flower"``): a deployed federation's client turns, as Flower messages.
+
+It runs inside a Flower ServerApp (:mod:`fedtune.deploy.apps`), which hands it the run's ``Grid``: each
+client's turn is one ``train`` message to the SuperNode whose node config says ``partition-id = <client>`` (asked
+once with a ``query`` message, so seeds derive from the client's identity, not from Flower's random node ids), and
+the reply is the client's upload. The download is encoded and recorded by the transport exactly as in simulation;
+besides, the backend measures the protobuf size of every Flower message it sends and receives (``info()``: the
+bytes the transport really carried, framing included).
+
+A client's private state (:attr:`~fedtune.paradigms.base.Paradigm.private_state`: its stream position, KD's own
+adapter) never leaves its machine: the request carries only the server's instructions, and the client keeps the
+rest in its state directory (:mod:`fedtune.deploy.client_turns`). The server's copy of the private state is left as
+it was.
+
+Faults: a SuperNode that does not reply within ``runtime.client_timeout_s`` (killed, disconnected) or whose
+ClientApp fails loses that client's turn; the round goes on with ``federation.min_clients``, else the lost turns
+are retried ``runtime.max_retries`` times (:func:`~fedtune.runtime.base.with_quorum`). A node that reconnects is
+found again by the next round's discovery.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+from fedtune.comm.ledger import DOWN, UP
+from fedtune.core.errors import FedtuneError
+from fedtune.core.files import atomic_write
+from fedtune.runtime.base import BACKENDS, Backend, Capabilities, ClientJob, ClientReply, RoundReplies, with_quorum
+from fedtune.runtime.flower_records import HELLO, RECORD, TurnRequest, read_reply, request_record
+
+#: Seconds a discovery query waits for SuperNodes to say which client they serve.
+HELLO_TIMEOUT_S = 60.0
+
+
+def _carried(message) -> int:
+    """Bytes of a Flower message as its transport serialises it (protobuf, metadata and records)."""
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(message).ByteSize()
+
+
+def run_token(run_dir) -> str:
+    """The run's token, kept in ``deploy.json`` of the run directory: a resumed run keeps it, a new run gets a new
+    one (clients keep their private state per token)."""
+    path = run_dir / "deploy.json"
+    if path.is_file():
+        return json.loads(path.read_text())["token"]
+    token = secrets.token_hex(16)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"token": token}).encode())
+    return token
+
+
+@BACKENDS.register("flower")
+class FlowerBackend(Backend):
+    name = "flower"
+
+    @classmethod
+    def check_capabilities(cls, capabilities: Capabilities, paradigm: str) -> None:
+        if capabilities.federated and not capabilities.client_jobs:
+            raise ValueError(f"runtime.backend = 'flower' runs client-job paradigms (fedllm, kd); paradigm "
+                             f"{paradigm!r} is not deployable yet (split sessions need the gRPC split stream)")
+
+    def __init__(self, ctx, capabilities: Capabilities, build_copy=None, grid=None) -> None:
+        super().__init__(ctx, capabilities, build_copy)
+        if grid is None:
+            raise FedtuneError("runtime.backend = 'flower' runs inside a Flower ServerApp: write one with "
+                               "`fedtune deploy init CONFIG --out APP_DIR` and start it with `flwr run APP_DIR`")
+        if any(ctx.cfg.pruning.rates) or (ctx.cfg.network.enabled and ctx.cfg.network.rho_max > 0):
+            raise FedtuneError("runtime.backend = 'flower' does not deploy pruned clients yet (the pruning mask is "
+                               "calibrated on the server's data); set pruning.rates = [] and network.rho_max = 0")
+        self.grid = grid
+        self.nodes: dict[int, int] = {}  # client -> Flower node id
+        self.token = run_token(ctx.run_dir)
+        self.carried = {UP: 0, DOWN: 0}
+        self.flower_messages = {UP: 0, DOWN: 0}
+        self.lost_turns = 0
+        self.retries = 0
+        self.round_trips: list[float] = []
+        self._discover(wait_for=ctx.cfg.federation.num_clients, deadline=time.monotonic() + HELLO_TIMEOUT_S)
+
+    def info(self) -> dict:
+        return {"backend": self.name, "nodes": {str(c): n for c, n in sorted(self.nodes.items())},
+                "carried_bytes": {"up": self.carried[UP], "down": self.carried[DOWN]},
+                "flower_messages": {"up": self.flower_messages[UP], "down": self.flower_messages[DOWN]},
+                "lost_client_turns": self.lost_turns, "retries": self.retries,
+                "turn_seconds_median": sorted(self.round_trips)[len(self.round_trips) // 2] if self.round_trips else None}
+
+    # -- which node serves which client ---------------------------------------------------------------
+    def _send(self, messages: list, timeout: float) -> list:
+        for message in messages:
+            self.carried[DOWN] += _carried(message)
+            self.flower_messages[DOWN] += 1
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            self.carried[UP] += _carried(reply)
+            self.flower_messages[UP] += 1
+        return replies
+
+    def _discover(self, wait_for: int, deadline: float) -> None:
+        """Ask SuperNodes not yet known which client they serve, until ``wait_for`` clients are known or the
+        deadline passes."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        while True:
+            known = set(self.nodes.values())
+            new = [n for n in self.grid.get_node_ids() if n not in known]
+            if new:
+                asks = [Message(RecordDict({RECORD: ConfigRecord({"ask": HELLO})}), dst_node_id=n,
+                                message_type="query") for n in new]
+                for reply in self._send(asks, timeout=max(1.0, deadline - time.monotonic())):
+                    if reply.has_error():
+                        self.ctx.progress.log(f"[yellow]SuperNode {reply.metadata.src_node_id} did not say which "
+                                              f"client it serves: {reply.error.reason}")
+                        continue
+                    cid = int(reply.content[RECORD]["partition-id"])
+                    self.nodes[cid] = reply.metadata.src_node_id
+            if len(self.nodes) >= wait_for or time.monotonic() >= deadline:
+                return
+            time.sleep(1.0)
+
+    # -- a round of client jobs ------------------------------------------------------------------
+    def run_clients(self, paradigm, jobs: list[ClientJob]) -> RoundReplies:
+        cfg, round = self.ctx.cfg, jobs[0].round
+        by_client = {job.client: job for job in jobs}
+        if any(c not in self.nodes for c in by_client):
+            self._discover(wait_for=len(self.nodes) + 1, deadline=time.monotonic() + 5.0)
+        out = RoundReplies()
+        sent: set[int] = set()
+
+        def attempt(clients: list[int]) -> dict[int, str]:
+            lost = self._attempt(paradigm, [by_client[c] for c in clients], out, sent)
+            self.lost_turns += len(lost)
+            return lost
+
+        def on_retry(lost: dict[int, str]) -> None:
+            self.retries += 1
+            self.ctx.progress.log(f"[yellow]round {round}: retrying clients {sorted(lost)}")
+            self._discover(wait_for=len(self.nodes) + len(lost), deadline=time.monotonic() + 5.0)
+
+        need = min(cfg.federation.min_clients, len(jobs))
+        out.lost = with_quorum(round, list(by_client), need, cfg.runtime.max_retries, attempt, on_retry, out.retried)
+        for cid, why in sorted(out.lost.items()):
+            self.ctx.progress.log(f"[yellow]round {round}: client {cid} lost: {why}")
+        return out
+
+    def _attempt(self, paradigm, jobs: list[ClientJob], out: RoundReplies, sent: set[int]) -> dict[int, str]:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        transport, lost, messages = self.ctx.transport, {}, []
+        private = set(paradigm.private_state)
+        for job in jobs:
+            node = self.nodes.get(job.client)
+            if node is None:
+                lost[job.client] = f"no SuperNode serving partition-id {job.client} is connected"
+                continue
+            data = None
+            if job.download is not None:
+                data = transport.send(job.download, round=job.round, client=job.client, direction=DOWN,
+                                      retransmit=job.client in sent)
+                sent.add(job.client)
+            directives = {k: v for k, v in job.state.items() if k not in private}
+            record = request_record(TurnRequest(job.round, job.client, self.token, data, directives))
+            messages.append(Message(RecordDict({RECORD: ConfigRecord(record)}), dst_node_id=node,
+                                    message_type="train", group_id=str(job.round)))
+        start = time.monotonic()
+        replies = {r.metadata.src_node_id: r for r in self._send(messages, timeout=self.ctx.cfg.runtime.client_timeout_s)}
+        self.round_trips.append(time.monotonic() - start)
+        by_node = {node: cid for cid, node in self.nodes.items()}
+        for job in jobs:
+            if job.client in lost:
+                continue
+            reply = replies.get(self.nodes[job.client])
+            if reply is None:
+                lost[job.client] = f"no reply within runtime.client_timeout_s = {self.ctx.cfg.runtime.client_timeout_s} s"
+            elif reply.has_error():
+                lost[job.client] = f"the client's ClientApp failed: {reply.error.reason}"
+            else:
+                out.replies[by_node[reply.metadata.src_node_id]] = self._reply(job, read_reply(reply.content[RECORD]))
+        return lost
+
+    def _reply(self, job: ClientJob, turn) -> ClientReply:
+        upload = self.ctx.transport.receive(turn.upload, round=job.round, client=job.client, direction=UP)
+        return ClientReply(job.client, upload, {**job.state, **turn.state}, turn.stats)

@@ -1,0 +1,56 @@
+"""How a client's turn travels in a Flower message (``runtime.backend = "flower"``): one ``ConfigRecord`` each way.
+
+The turn request carries the round, the client, the run's token (it names the client's state directory for this
+run), the download as fedtune's wire bytes (exactly what the ledger records) and the server's instructions for the
+turn (the turn state less the paradigm's ``private_state``), as JSON. The reply carries the upload's wire bytes, the
+client's non-private state and its statistics, as JSON. No pickles cross the network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+RECORD = "fedtune"
+HELLO = "fedtune.hello"  # a query message: which client (node config partition-id) a SuperNode serves
+
+
+@dataclass
+class TurnRequest:
+    round: int
+    client: int
+    token: str
+    download: bytes | None
+    directives: dict
+
+
+@dataclass
+class TurnReply:
+    upload: bytes
+    state: dict
+    stats: dict
+
+
+def _json(value: dict) -> str:
+    return json.dumps(value, sort_keys=True, default=float)
+
+
+def request_record(request: TurnRequest) -> dict:
+    record = {"round": request.round, "client": request.client, "token": request.token,
+              "directives": _json(request.directives)}
+    if request.download is not None:
+        record["download"] = request.download
+    return record
+
+
+def read_request(record) -> TurnRequest:
+    return TurnRequest(int(record["round"]), int(record["client"]), str(record["token"]),
+                       record.get("download"), json.loads(record["directives"]))
+
+
+def reply_record(reply: TurnReply) -> dict:
+    return {"upload": reply.upload, "state": _json(reply.state), "stats": _json(reply.stats)}
+
+
+def read_reply(record) -> TurnReply:
+    return TurnReply(record["upload"], json.loads(record["state"]), json.loads(record["stats"]))
