@@ -74,10 +74,11 @@ class FlowerLab:
     def register(self, index: int) -> None:
         self.flwr("supernode", "register", f"{self.creds.node_key(index)}.pub", "lab")
 
-    def start_supernode(self, index: int, node_config: str, key: Path | None = None) -> subprocess.Popen:
+    def start_supernode(self, index: int, node_config: str, key: Path | None = None,
+                        root_certificates: Path | None = None) -> subprocess.Popen:
         host = f"127.0.0.{index + 2}"
         return self._start(f"supernode-{index}", [
-            str(BIN / "flower-supernode"), "--root-certificates", str(self.creds.ca_cert),
+            str(BIN / "flower-supernode"), "--root-certificates", str(root_certificates or self.creds.ca_cert),
             "--superlink", self.address, "--auth-supernode-private-key", str(key or self.creds.node_key(index)),
             "--node-config", node_config, "--host", host, "--port", str(free_port(host)), "--max-retries", "3"])
 

@@ -16,8 +16,6 @@ import tomli_w
 from fedtune.config import RunConfig, build_config
 from fedtune.core.errors import FedtuneError
 from fedtune.core.files import atomic_write
-from fedtune.runtime.flower_backend import FlowerBackend
-from fedtune.paradigms import PARADIGMS
 
 APP_MODULE = '''"""Flower app for the fedtune run {name!r}, written by `fedtune deploy init`."""
 
@@ -43,8 +41,7 @@ def write_app(cfg: RunConfig, out: Path, run_dir: Path) -> Path:
         raise FedtuneError(f"{out} already holds an app (pyproject.toml); choose another --out")
     data = cfg.model_dump(mode="json")
     data["runtime"] = {**data["runtime"], "backend": "flower", "progress": False}
-    deployed = build_config(data)  # checks the paradigm deploys (backend capabilities) before writing
-    FlowerBackend.check_capabilities(PARADIGMS.get(deployed.paradigm).capabilities, deployed.paradigm)
+    deployed = build_config(data)  # checks before writing that the paradigm and its settings deploy
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": _package_name(cfg.name), "version": "1.0.0", "license": "Apache-2.0",

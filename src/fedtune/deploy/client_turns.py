@@ -5,6 +5,7 @@ Node config (``flower-supernode --node-config '...'``), read by :class:`NodeSett
 - ``partition-id``: the client this SuperNode is (0..num_clients-1); seeds derive from it, as in simulation;
 - ``data-path``: the client's own data file (JSONL/CSV/parquet; ``fedtune partition`` writes laboratory ones);
 - ``public-path``: KD only, the public set's file;
+- ``eval-path``: KD only, the held-out file the client evaluates its own adapter on (its ``client_eval_loss``);
 - ``state-dir``: where the client keeps its private state between turns (default: ``fedtune-state`` beside the
   data file);
 - ``data-<field>``: overrides of the run's ``[data]`` field mapping for this file (``data-prompt-field="q"``).
@@ -30,7 +31,7 @@ from fedtune.engine.client_copy import build_client_copy
 from fedtune.runtime.base import ClientJob
 from fedtune.runtime.flower_records import HELLO, RECORD, TurnReply, read_request, reply_record
 
-_KNOWN = ("partition-id", "data-path", "public-path", "state-dir")
+_KNOWN = ("partition-id", "data-path", "public-path", "eval-path", "state-dir")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class NodeSettings:
     client: int
     data_path: Path
     public_path: Path | None
+    eval_path: Path | None
     state_dir: Path
     data_overrides: dict
 
@@ -52,9 +54,9 @@ class NodeSettings:
         overrides = {k[len("data-"):].replace("-", "_"): v for k, v in config.items()
                      if k.startswith("data-") and k not in _KNOWN}
         state_dir = Path(str(config.get("state-dir") or data_path.parent / "fedtune-state")).expanduser()
-        public = config.get("public-path")
+        public, evals = config.get("public-path"), config.get("eval-path")
         return cls(int(config["partition-id"]), data_path, Path(str(public)).expanduser() if public else None,
-                   state_dir, overrides)
+                   Path(str(evals)).expanduser() if evals else None, state_dir, overrides)
 
 
 def hello_reply(node_config) -> dict:
@@ -71,7 +73,7 @@ def train_turn(cfg: RunConfig, node: NodeSettings, record) -> dict:
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     ctx, paradigm = build_client_copy(cfg, node.client, node.data_path, public_path=node.public_path,
-                                      data_overrides=node.data_overrides)
+                                      eval_path=node.eval_path, data_overrides=node.data_overrides)
     private = paradigm.private_state
     store = ClientStateStore(node.state_dir, request.token)
     own = store.load_before(request.round)

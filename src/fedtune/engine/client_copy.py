@@ -41,8 +41,10 @@ def _samples(data: DataConfig, tokenizer) -> list[dict]:
 
 
 def build_client_copy(cfg: RunConfig, client: int, data_path: str | Path, *, public_path: str | Path | None = None,
+                      eval_path: str | Path | None = None,
                       data_overrides: dict | None = None) -> tuple[RunContext, Paradigm]:
-    """Client ``client``'s copy of the run (context and paradigm), on its own data file."""
+    """Client ``client``'s copy of the run (context and paradigm), on its own data file (and the held-out file
+    ``eval_path`` where the paradigm has clients evaluate their own adapters)."""
     cfg = build_config({**cfg.model_dump(mode="json"), "runtime": {**cfg.runtime.model_dump(mode="json"),
                                                                     "backend": "inprocess", "progress": False}})
     if not 0 <= client < cfg.federation.num_clients:
@@ -54,15 +56,17 @@ def build_client_copy(cfg: RunConfig, client: int, data_path: str | Path, *, pub
     if not own:
         raise ConfigError(f"{data_path}: no training samples with response tokens")
     public = _public_samples(cfg, data, tokenizer, public_path)
+    evals = _eval_samples(cfg, data, tokenizer, eval_path)
     device = resolve_device(cfg.runtime.device)
     base, model = build_model(cfg, device)
     rows = list(range(len(public), len(public) + len(own)))
     ledger = Ledger()
     ctx = RunContext(
         cfg=cfg, device=device, model=model, tokenizer=tokenizer, base_model=base, train_samples=public + own,
-        eval_samples=[], sample_prompt="", sample_reference="", metric_prompts=[], metric_references=[],
+        eval_samples=evals, sample_prompt="", sample_reference="", metric_prompts=[], metric_references=[],
         partitions=[rows] * cfg.federation.num_clients, partition_info={}, cost=model_cost(model), ledger=ledger,
         transport=Transport(ledger), progress=RunProgress(False), run_dir=Path("."), public_rows=list(range(len(public))),
+        client_side=True,
     )
     return ctx, PARADIGMS.get(cfg.paradigm)(ctx)
 
@@ -75,3 +79,13 @@ def _public_samples(cfg: RunConfig, data: DataConfig, tokenizer, public_path) ->
         raise ConfigError(f"paradigm {cfg.paradigm!r} needs the public set: give the SuperNode node config "
                           "public-path=\"…/public.jsonl\" (written by `fedtune partition`)")
     return _samples(data.model_copy(update={"path": str(public_path)}), tokenizer)
+
+
+def _eval_samples(cfg: RunConfig, data: DataConfig, tokenizer, eval_path) -> list[dict]:
+    """The held-out rows a client evaluates its own adapter on, where the paradigm keeps one per client (KD)."""
+    if not PARADIGMS.get(cfg.paradigm).capabilities.client_adapters:
+        return []
+    if eval_path is None:
+        raise ConfigError(f"paradigm {cfg.paradigm!r} has each client evaluate its own adapter: give the SuperNode "
+                          "node config eval-path=\"…/eval.jsonl\" (written by `fedtune partition`)")
+    return _samples(data.model_copy(update={"path": str(eval_path)}), tokenizer)

@@ -60,6 +60,9 @@ class RunContext:
     network: NetworkSim | None = None
     #: Training rows the paradigm reserves for itself (KD's public set: ``Paradigm.reserved_rows``), in no partition.
     public_rows: list[int] = field(default_factory=list)
+    #: A deployed client's own copy (:mod:`fedtune.engine.client_copy`): its data only; it evaluates what only it
+    #: holds (KD's own adapter) on ``eval_samples``, the held-out file its SuperNode was given.
+    client_side: bool = False
 
     @property
     def pad_token_id(self) -> int:

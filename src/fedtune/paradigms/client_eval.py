@@ -19,8 +19,13 @@ class ClientEvaluations:
             if cid in trained or cid not in self.loss:
                 model = model_of(cid) if model_of is not None else ctx.model
                 load_adapter_state(model, state)
-                self.loss[cid] = evaluate(model, ctx.eval_samples, batch_size=ctx.cfg.eval.batch_size,
-                                          pad_token_id=ctx.pad_token_id, device=ctx.device).loss
+                self.loss[cid] = self.evaluate(ctx, model)
+
+    @staticmethod
+    def evaluate(ctx, model) -> float:
+        """``model``'s loss on the run's held-out samples."""
+        return evaluate(model, ctx.eval_samples, batch_size=ctx.cfg.eval.batch_size, pad_token_id=ctx.pad_token_id,
+                        device=ctx.device).loss
 
     def mean(self) -> float | None:
         return sum(self.loss.values()) / len(self.loss) if self.loss else None

@@ -47,6 +47,12 @@ class FedLLM(Paradigm):
             raise ValueError(f"pruning.rates has {len(rates)} entries but federation.num_clients = {n}; "
                              "give one rate for all clients or one per client")
 
+    @classmethod
+    def check_remote(cls, cfg) -> None:
+        if any(cfg.pruning.rates) or (cfg.network.enabled and cfg.network.rho_max > 0):
+            raise ValueError("pruned clients are not deployable yet (the pruning mask is calibrated on the "
+                             "server's copy of the training data); set pruning.rates = [] and network.rho_max = 0")
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.cfg

@@ -83,6 +83,12 @@ class KDFed(Paradigm):
         rng = numpy_rng(cfg.seed, "kd-public")
         return sorted(int(i) for i in rng.choice(num_train, size=kd.public_samples, replace=False))
 
+    @classmethod
+    def check_remote(cls, cfg) -> None:
+        if not cfg.kd.server_model:
+            raise ValueError("deployed, the clients' adapters stay on their machines, so the evaluated model must be "
+                             "the server's own: set kd.server_model = true")
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg, kd = ctx.cfg, ctx.cfg.kd
@@ -247,6 +253,8 @@ class KDFed(Paradigm):
                                {**stats, "failure": failure})
         message, fwd = self.public_logits(cm)
         stats["flops"] += fwd
+        if ctx.client_side:  # deployed: only this machine holds the adapter, so it evaluates it (client_eval_loss)
+            stats["eval_loss"] = self.client_eval.evaluate(ctx, cm.model)
         return ClientReply(cid, message, {**positions, "adapter": state}, stats)
 
     def _accept(self, reply: ClientReply) -> tuple[Message | None, dict]:
@@ -296,6 +304,8 @@ class KDFed(Paradigm):
             if cid not in replies.replies:
                 continue
             message, stats = self._accept(replies.replies[cid])
+            if "eval_loss" in stats:  # a deployed client's own evaluation of its adapter
+                self.client_eval.loss[cid] = stats["eval_loss"]
             out.client_flops[cid] = stats["flops"]
             out.client_peak_memory[cid] = stats["peak_memory"]
             if stats["distill_loss"] is not None:
@@ -313,7 +323,9 @@ class KDFed(Paradigm):
                 out.server_flops += self._server_distill(round)
             total = sum(n for _, n in losses)
             out.train_loss = sum(l * n for l, n in losses) / total
-        self.client_eval.refresh(ctx, self.client_states, clients, model_of=lambda c: self.client_model(c).model)
+        reported = [c for c in clients if c in replies.replies and "eval_loss" in replies.replies[c].stats]
+        self.client_eval.refresh(ctx, self.client_states, [c for c in clients if c not in reported],
+                                 model_of=lambda c: self.client_model(c).model)
         out.extra["client_eval_loss"] = self.client_eval.by_client()
         out.extra["mean_client_eval_loss"] = self.client_eval.mean()
         out.extra["distill_loss"] = sum(distill) / len(distill) if distill else None

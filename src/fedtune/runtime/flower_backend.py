@@ -56,6 +56,7 @@ def run_token(run_dir) -> str:
 @BACKENDS.register("flower")
 class FlowerBackend(Backend):
     name = "flower"
+    remote_clients = True
 
     @classmethod
     def check_capabilities(cls, capabilities: Capabilities, paradigm: str) -> None:
@@ -68,9 +69,6 @@ class FlowerBackend(Backend):
         if grid is None:
             raise FedtuneError("runtime.backend = 'flower' runs inside a Flower ServerApp: write one with "
                                "`fedtune deploy init CONFIG --out APP_DIR` and start it with `flwr run APP_DIR`")
-        if any(ctx.cfg.pruning.rates) or (ctx.cfg.network.enabled and ctx.cfg.network.rho_max > 0):
-            raise FedtuneError("runtime.backend = 'flower' does not deploy pruned clients yet (the pruning mask is "
-                               "calibrated on the server's data); set pruning.rates = [] and network.rho_max = 0")
         self.grid = grid
         self.nodes: dict[int, int] = {}  # client -> Flower node id
         self.token = run_token(ctx.run_dir)
