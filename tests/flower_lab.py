@@ -94,7 +94,45 @@ class FlowerLab:
         extra = [a for item in run_config for a in ("--run-config", item)]
         return self.flwr("run", str(app), "lab", "--stream", *extra, timeout=timeout)
 
+    def start_run(self, app: Path, *run_config: str, name: str = "run") -> subprocess.Popen:
+        """``flwr run APP lab --stream`` in the background (its output in ``<name>.log``)."""
+        extra = [a for item in run_config for a in ("--run-config", item)]
+        return self._start(name, [str(BIN / "flwr"), "run", str(app), "lab", "--stream", *extra])
+
+    def run_id(self, name: str = "run") -> int:
+        self._wait_for(lambda: "Successfully started run" in self.log(name), "the run to start", name)
+        return int(self.log(name).split("Successfully started run", 1)[1].split()[0])
+
+    def wait_log(self, name: str, text: str, timeout: float = 300) -> None:
+        self._wait_for(lambda: text in self.log(name), repr(text), name, timeout)
+
+    def descendants(self, name: str) -> list:
+        """The processes ``name`` started, and theirs (psutil; Flower's SuperExec starts its own session)."""
+        import psutil
+
+        try:
+            return psutil.Process(self.processes[name].pid).children(recursive=True)
+        except (KeyError, psutil.Error):
+            return []
+
+    def processes_named(self, owner: str, command: str) -> list:
+        """Descendants of ``owner`` whose command line names ``command``."""
+        import psutil
+
+        found = []
+        for proc in self.descendants(owner):
+            try:
+                if any(command in part for part in proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop ``name``: its process group, then whatever it started outside the group."""
+        import psutil
+
+        children = self.descendants(name)
         proc = self.processes.pop(name, None)
         if proc is None:
             return
@@ -102,6 +140,12 @@ class FlowerLab:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
+        for child in children:
+            try:
+                child.send_signal(sig)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(children, timeout=20)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -121,6 +165,22 @@ class FlowerLab:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {what}:\n{self.log(name)[-3000:]}")
             time.sleep(0.2)
+
+    def restart_supernode(self, index: int, node_config: str, timeout: float = 180) -> None:
+        """Start SuperNode ``index`` again until the SuperLink accepts it: a node that died is refused until the
+        SuperLink has missed its heartbeats (Flower: 30 s interval, patience 2), and the refused SuperNode exits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = len(self.log(f"supernode-{index}"))
+            proc = self.start_supernode(index, node_config)
+            while proc.poll() is None and "SuperNode ID" not in self.log(f"supernode-{index}")[seen:]:
+                time.sleep(0.5)
+            if proc.poll() is None:
+                return
+            self.processes.pop(f"supernode-{index}", None)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SuperNode {index} was not accepted again:\n{self.log(f'supernode-{index}')[-2000:]}")
+            time.sleep(5)
 
     def wait_connected(self, index: int, timeout: float = 60) -> None:
         self._wait_for(lambda: "SuperNode ID" in self.log(f"supernode-{index}"), f"SuperNode {index} to connect",

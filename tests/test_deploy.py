@@ -148,3 +148,72 @@ def test_supernode_trusting_another_ca_is_refused(lab, tmp_path):
     log = lab.log(f"supernode-{index}")
     assert proc.returncode != 0 and "SuperNode ID" not in log
     assert "certificate" in log.lower(), log[-2000:]
+
+
+def _wait_file(path: Path, ready, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and ready(path)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {path}")
+        time.sleep(0.5)
+
+
+def _metrics_rounds(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) - 1 if path.exists() else -1
+
+
+def test_supernode_killed_mid_round_then_rejoins(lab, tiny_config):
+    cfg = tiny_config("federation.rounds=6", "federation.min_clients=2", "runtime.client_timeout_s=30",
+                      "runtime.max_retries=0", "name=node-fault")
+    work = lab.root / "node-fault"
+    data = work / "data"
+    write_partition_files(cfg, data)
+    app = write_app(cfg, work / "app", work / "deployed")
+    _start_nodes(lab, data)
+    try:
+        lab.start_run(app, name="node-fault-run")
+        lab.wait_log("supernode-2", "Receiving: train message")  # round 1's turn reached client 2: kill its node
+        lab.kill("supernode-2")
+        metrics = work / "deployed" / "metrics.jsonl"
+        _wait_file(metrics, lambda p: _metrics_rounds(p) >= 1)
+        lab.restart_supernode(2, f'partition-id=2 data-path="{data}/client-2.jsonl" state-dir="{lab.root}/state-2"')
+        lab.processes["node-fault-run"].wait(timeout=600)
+    finally:
+        lab.kill("node-fault-run")
+        _stop_nodes(lab)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(7))
+    lost = [r for r in rows[1]["rejected"] if r["client"] == 2]
+    assert lost and lost[0]["lost"] and "no reply" in lost[0]["reason"]
+    assert all({r["client"] for r in row["rejected"]} <= {2} for row in rows[1:])  # the others went on
+    assert not rows[-1]["rejected"]  # the restarted node rejoined
+    summary = json.loads((work / "deployed" / "summary.json").read_text())
+    assert summary["runtime"]["lost_client_turns"] == sum(len(row["rejected"]) for row in rows)
+
+
+def test_serverapp_killed_then_resumed_equals_uninterrupted(lab, tiny_config):
+    cfg = tiny_config("federation.rounds=3", "name=server-fault")
+    work = lab.root / "server-fault"
+    sim = work / "simulated"
+    _simulate(cfg, sim)
+    data = work / "data"
+    write_partition_files(cfg, data)
+    app = write_app(cfg, work / "app", work / "deployed")
+    _start_nodes(lab, data)
+    try:
+        lab.start_run(app, name="server-fault-run")
+        first = lab.run_id("server-fault-run")
+        _wait_file(work / "deployed" / "checkpoints" / "latest", lambda p: True)
+        servers = lab.processes_named("superlink", "flwr-serverapp")
+        assert servers, "no ServerApp process found"
+        for proc in servers:
+            proc.kill()
+        lab.kill("server-fault-run")
+        lab.flwr("stop", str(first), "lab")
+        lab.run_app(app, "resume=true", timeout=600)
+    finally:
+        _stop_nodes(lab)
+    assert _rows(work / "deployed") == _rows(sim)
+    _same_adapter(sim, work / "deployed")

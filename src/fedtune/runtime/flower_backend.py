@@ -149,9 +149,10 @@ class FlowerBackend(Backend):
 
         transport, lost, messages = self.ctx.transport, {}, []
         private = set(paradigm.private_state)
+        online = set(self.grid.get_node_ids())
         for job in jobs:
             node = self.nodes.get(job.client)
-            if node is None:
+            if node is None or node not in online:
                 lost[job.client] = f"no SuperNode serving partition-id {job.client} is connected"
                 continue
             data = None
