@@ -128,6 +128,19 @@ class FlowerLab:
                 continue
         return found
 
+    def serverapps_holding(self, lock: Path) -> list:
+        """The SuperLink's ServerApp processes that hold ``lock`` open (a fedtune run directory's lock file)."""
+        import psutil
+
+        held = []
+        for proc in self.processes_named("superlink", "flwr-serverapp"):
+            try:
+                if any(Path(f.path) == Path(lock) for f in proc.open_files()):
+                    held.append(proc)
+            except psutil.Error:
+                continue
+        return held
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Stop ``name``: its process group, then whatever it started outside the group."""
         import psutil

@@ -80,7 +80,8 @@ def _deploy_init(args: argparse.Namespace, console: Console) -> None:
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or Path(args.out) / "run")
-    out = write_app(cfg, Path(args.out), run_dir)
+    out = write_app(cfg, Path(args.out), run_dir, Path(args.certificates) if args.certificates else None,
+                    args.split_host)
     console.print(f"wrote the Flower app to {out}; start it with `flwr run {out} <superlink>` (its run directory: "
                   f"{run_dir.expanduser().resolve()})")
 
@@ -101,6 +102,10 @@ def _add_deploy(sub) -> None:
     init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     init.add_argument("--out", required=True, help="folder for the app")
     init.add_argument("--run-dir", help="where the ServerApp writes the run directory (default: OUT/run)")
+    init.add_argument("--certificates", help="split learning: folder with ca.crt, server.pem and server.key for "
+                      "the split stream's TLS (the SuperLink's own serve)")
+    init.add_argument("--split-host", default="127.0.0.1", help="split learning: the address the split server "
+                      "listens on and clients dial (named in the certificate)")
     init.set_defaults(handler=_deploy_init)
     creds = deploy.add_parser("credentials", help="a self-signed CA, the SuperLink's TLS certificate and "
                               "SuperNode authentication keys (laboratories and tests)")

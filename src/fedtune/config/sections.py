@@ -133,8 +133,9 @@ class RuntimeConfig(Section):
                         "a run on a small CPU). false skips both (the report then links neither); `fedtune "
                         "report RUN_DIR` draws eval_loss.png later.")
     backend: Annotated[str, registered("fedtune.runtime:BACKENDS")] = Field("inprocess", description="Where client turns run: 'inprocess' (one after another in this "
-                         "process, on one shared model) or 'ray' (in parallel on a pool of Ray actors, each holding "
-                         "its own copy of the model; same results).")
+                         "process, on one shared model), 'ray' (in parallel on a pool of Ray actors, each holding "
+                         "its own copy of the model; same results) or 'flower' (deployed: each client's SuperNode, "
+                         "inside a Flower ServerApp written by `fedtune deploy init`; same results).")
     address: str = Field("", description="Ray: '' starts a private Ray instance on this machine (loopback only, "
                          "stopped at the end); 'auto' joins the cluster started on this machine with `ray start`; "
                          "'HOST:PORT' joins the cluster whose head is there.")
@@ -152,9 +153,11 @@ class RuntimeConfig(Section):
                                "(e.g. 1 to run the body blocks on a GPU node).")
     client_timeout_s: float | None = Field(1800.0, gt=0, description="Ray: a client turn (in split learning: one "
                                            "call of a session) running longer is lost (its worker is killed and "
-                                           "replaced); none = no limit.")
-    max_retries: int = Field(1, ge=0, description="Ray: when fewer than federation.min_clients replied in a round, "
-                             "retry the lost turns on fresh workers this many times before stopping the run.")
+                                           "replaced); Flower: a client turn (a whole split session) without a "
+                                           "reply by then is lost; none = no limit.")
+    max_retries: int = Field(1, ge=0, description="Ray and Flower: when fewer than federation.min_clients replied in "
+                             "a round, retry the lost turns (Ray: on fresh workers) this many times before stopping "
+                             "the run.")
     start_timeout_s: float = Field(300.0, gt=0, description="Ray: seconds to wait for the worker pool to start "
                                    "(placement + model load) before stopping with an error.")
 

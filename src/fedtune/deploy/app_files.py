@@ -16,6 +16,7 @@ import tomli_w
 from fedtune.config import RunConfig, build_config
 from fedtune.core.errors import FedtuneError
 from fedtune.core.files import atomic_write
+from fedtune.paradigms import PARADIGMS
 
 APP_MODULE = '''"""Flower app for the fedtune run {name!r}, written by `fedtune deploy init`."""
 
@@ -34,14 +35,20 @@ def _package_name(name: str) -> str:
     return "fedtune-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run")
 
 
-def write_app(cfg: RunConfig, out: Path, run_dir: Path) -> Path:
-    """Write the Flower app for ``cfg`` into ``out``; its ServerApp writes the run directory ``run_dir``."""
+def write_app(cfg: RunConfig, out: Path, run_dir: Path, certificates: Path | None = None,
+              split_host: str = "127.0.0.1") -> Path:
+    """Write the Flower app for ``cfg`` into ``out``; its ServerApp writes the run directory ``run_dir``. Split
+    learning's stream serves TLS with ``certificates`` (``ca.crt``, ``server.pem``, ``server.key``) on
+    ``split_host``."""
     out = Path(out)
     if (out / "pyproject.toml").exists():
         raise FedtuneError(f"{out} already holds an app (pyproject.toml); choose another --out")
     data = cfg.model_dump(mode="json")
     data["runtime"] = {**data["runtime"], "backend": "flower", "progress": False}
     deployed = build_config(data)  # checks before writing that the paradigm and its settings deploy
+    if PARADIGMS.get(deployed.paradigm).capabilities.split_sessions and certificates is None:
+        raise FedtuneError("a deployed split run needs the split server's TLS files: give --certificates DIR "
+                           "(ca.crt, server.pem, server.key; `fedtune deploy credentials` makes laboratory ones)")
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": _package_name(cfg.name), "version": "1.0.0", "license": "Apache-2.0",
@@ -52,7 +59,10 @@ def write_app(cfg: RunConfig, out: Path, run_dir: Path) -> Path:
                                   "components": {"serverapp": "fedtune_app.app:server",
                                                  "clientapp": "fedtune_app.app:client"},
                                   "config": {"run-dir": str(Path(run_dir).expanduser().resolve()),
-                                             "resume": False}}}},
+                                             "resume": False,
+                                             "certificates": str(Path(certificates).expanduser().resolve())
+                                             if certificates else "",
+                                             "split-host": split_host, "split-advertise": split_host}}}},
     }
     package = out / "fedtune_app"
     package.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,10 @@ from fedtune.comm.messages import decode, encode
 from fedtune.config import RunConfig
 from fedtune.core.errors import ConfigError
 from fedtune.deploy.client_state import ClientStateStore
+from fedtune.deploy.split_client import run_session
 from fedtune.engine.client_copy import build_client_copy
 from fedtune.runtime.base import ClientJob
+from fedtune.split.session import open_client_side
 from fedtune.runtime.flower_records import HELLO, RECORD, TurnReply, read_request, reply_record
 
 _KNOWN = ("partition-id", "data-path", "public-path", "eval-path", "state-dir")
@@ -78,13 +80,30 @@ def train_turn(cfg: RunConfig, node: NodeSettings, record) -> dict:
     store = ClientStateStore(node.state_dir, request.token)
     own = store.load_before(request.round)
     if own is None:  # first turn in this run: the copy's paradigm holds every client's initial state
-        own = {k: v for k, v in paradigm.client_job(request.round, node.client).state.items() if k in private}
+        own = paradigm.client_private_state(node.client)
     download = decode(request.download) if request.download is not None else None
     job = ClientJob(request.round, node.client, download, {**request.directives, **own})
+    if request.session is not None:
+        return reply_record(_split_turn(ctx, paradigm.trainer, job, request.session, store, request.token))
     reply = paradigm.run_client(job)
     store.save(request.round, {k: v for k, v in reply.state.items() if k in private})
     shared = {k: v for k, v in reply.state.items() if k not in private}
     return reply_record(TurnReply(encode(reply.upload), shared, reply.stats))
+
+
+def _split_turn(ctx, trainer, job: ClientJob, ticket: dict, store: ClientStateStore, token: str) -> TurnReply:
+    """A split session driven from here; its reuse caches are loaded from and saved to the state directory."""
+    caches = job.state.pop("caches", None)
+    if caches is not None:
+        trainer.channels.load_caches("client", caches)
+    side = open_client_side(trainer, job)
+    hello = {"round": job.round, "client": job.client, "token": token}
+    run, exchanges = run_session(side, ticket, hello, job.state["steps"], trainer.num_layers, ctx.cost)
+    message, memory, stream = side.finish(run.failure, run.mean_loss)
+    store.save(job.round, {"stream": stream, "caches": trainer.channels.export_caches("client", job.client)})
+    stats = {"losses": run.losses, "client_flops": run.client_flops, "server_flops": run.server_flops,
+             "failure": run.failure, "memory": memory, "sends": side.sends, "exchanges": exchanges}
+    return TurnReply(encode(message), {}, stats)
 
 
 def client_app(load: Callable[[], RunConfig]):

@@ -5,7 +5,9 @@ node config: ``data-path`` (its file, read by fedtune's local-file loader with t
 node config overrides it with ``data-<field>`` keys, e.g. ``data-prompt-field="question"``) and, for KD, the public
 set's file (``public-path``). The copy holds no other client's rows and no evaluation split: in it, every client's
 partition is this client's rows (it only ever trains as itself), and its streams shuffle them exactly as the
-server's simulation would, so a deployed turn equals the simulated one.
+server's simulation would, so a deployed turn equals the simulated one. ``train_samples`` maps sample ids to
+samples: the ids are the run's row ids where the file has ``fedtune_row`` (``fedtune partition`` writes it), so
+reuse caches and messages name samples as in simulation; otherwise the file's row numbers.
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ def local_data_config(cfg: RunConfig, path: str | Path, overrides: dict | None =
     return DataConfig.model_validate(fields)
 
 
-def _samples(data: DataConfig, tokenizer) -> list[dict]:
+#: Column of ``fedtune partition``'s files: the row's id in the run that wrote them, kept as the sample's id.
+ROW_COLUMN = "fedtune_row"
+
+
+def _samples(data: DataConfig, tokenizer, first_id: int = 0) -> dict[int, dict]:
+    """The file's tokenized samples by id: ``fedtune_row`` where the file has it, else ``first_id`` on."""
     rows = tokenize_examples(load_local(data)[0], tokenizer, data.max_length, data.chat_template)
-    return [{"input_ids": i, "labels": l} for i, l in zip(rows["input_ids"], rows["labels"])]
+    ids = rows[ROW_COLUMN] if ROW_COLUMN in rows.column_names else range(first_id, first_id + len(rows))
+    return {int(k): {"input_ids": i, "labels": l} for k, i, l in zip(ids, rows["input_ids"], rows["labels"])}
 
 
 def build_client_copy(cfg: RunConfig, client: int, data_path: str | Path, *, public_path: str | Path | None = None,
@@ -52,29 +60,31 @@ def build_client_copy(cfg: RunConfig, client: int, data_path: str | Path, *, pub
                           f"{cfg.federation.num_clients - 1}")
     data = local_data_config(cfg, data_path, data_overrides)
     tokenizer = load_tokenizer(cfg.model)
-    own = _samples(data, tokenizer)
+    if not data.path or not Path(data.path).expanduser().is_file():
+        raise ConfigError(f"this client's data file {data.path} does not exist (node config data-path)")
+    public = _public_samples(cfg, data, tokenizer, public_path)
+    own = _samples(data, tokenizer, first_id=max(public, default=-1) + 1)
     if not own:
         raise ConfigError(f"{data_path}: no training samples with response tokens")
-    public = _public_samples(cfg, data, tokenizer, public_path)
     evals = _eval_samples(cfg, data, tokenizer, eval_path)
     device = resolve_device(cfg.runtime.device)
     base, model = build_model(cfg, device)
-    rows = list(range(len(public), len(public) + len(own)))
+    rows = list(own)  # in the file's order, which is the partition's
     ledger = Ledger()
     ctx = RunContext(
-        cfg=cfg, device=device, model=model, tokenizer=tokenizer, base_model=base, train_samples=public + own,
+        cfg=cfg, device=device, model=model, tokenizer=tokenizer, base_model=base, train_samples={**public, **own},
         eval_samples=evals, sample_prompt="", sample_reference="", metric_prompts=[], metric_references=[],
         partitions=[rows] * cfg.federation.num_clients, partition_info={}, cost=model_cost(model), ledger=ledger,
-        transport=Transport(ledger), progress=RunProgress(False), run_dir=Path("."), public_rows=list(range(len(public))),
+        transport=Transport(ledger), progress=RunProgress(False), run_dir=Path("."), public_rows=list(public),
         client_side=True,
     )
     return ctx, PARADIGMS.get(cfg.paradigm)(ctx)
 
 
-def _public_samples(cfg: RunConfig, data: DataConfig, tokenizer, public_path) -> list[dict]:
+def _public_samples(cfg: RunConfig, data: DataConfig, tokenizer, public_path) -> dict[int, dict]:
     """The public set's rows when the paradigm reserves one (KD), from its file (``fedtune partition`` writes it)."""
     if not PARADIGMS.get(cfg.paradigm).capabilities.public_set:
-        return []
+        return {}
     if public_path is None:
         raise ConfigError(f"paradigm {cfg.paradigm!r} needs the public set: give the SuperNode node config "
                           "public-path=\"…/public.jsonl\" (written by `fedtune partition`)")
@@ -88,4 +98,4 @@ def _eval_samples(cfg: RunConfig, data: DataConfig, tokenizer, eval_path) -> lis
     if eval_path is None:
         raise ConfigError(f"paradigm {cfg.paradigm!r} has each client evaluate its own adapter: give the SuperNode "
                           "node config eval-path=\"…/eval.jsonl\" (written by `fedtune partition`)")
-    return _samples(data.model_copy(update={"path": str(eval_path)}), tokenizer)
+    return list(_samples(data.model_copy(update={"path": str(eval_path)}), tokenizer).values())

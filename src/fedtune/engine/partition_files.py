@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedtune.config import RunConfig
 from fedtune.core.files import atomic_write
+from fedtune.engine.client_copy import ROW_COLUMN
 from fedtune.engine.context import load_run_data
 from fedtune.engine.metrics_log import json_safe
 
@@ -28,6 +29,8 @@ def write_partition_files(cfg: RunConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     # The tokenized split (rows without response tokens dropped), so the partitions' indices are its rows.
     train = data.train.remove_columns([c for c in ("input_ids", "labels", "length") if c in data.train.column_names])
+    # Each row's id in the run (a laboratory's deployed clients then name their samples as the simulation does).
+    train = train.add_column(ROW_COLUMN, list(range(len(train))))
     files = []
     for cid, rows in enumerate(data.partitions):
         path = out / f"client-{cid}.jsonl"

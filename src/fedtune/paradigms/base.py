@@ -59,6 +59,11 @@ class Paradigm:
         if backend.remote_clients:
             cls.check_remote(cfg)
 
+    def client_private_state(self, cid: int) -> dict:
+        """Client ``cid``'s private turn state as this copy of the run holds it (a deployed client's first turn
+        starts from its copy's: the initial state)."""
+        return {k: v for k, v in self.client_job(0, cid).state.items() if k in self.private_state}
+
     @classmethod
     def check_remote(cls, cfg) -> None:
         """Raise ValueError for settings that need what a deployment's server does not have (clients' data or

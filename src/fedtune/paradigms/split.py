@@ -33,7 +33,7 @@ from fedtune.split.aggregation import aggregate_blocks
 from fedtune.split.cut import Cut, CutError, SplitModel, find_blocks
 from fedtune.split.driver import drive_session
 from fedtune.split.placement import place_by_profiles
-from fedtune.split.protocol import TensorDict
+from fedtune.split.protocol import SESSION_PRIVATE_STATE, TensorDict
 from fedtune.split.trainer import SplitTrainer, blocks_of_keys
 from fedtune.training.evaluation import evaluate
 from fedtune.training.steps import all_finite, update_norm_failure
@@ -71,6 +71,7 @@ def _body_failure(body: TensorDict, start: TensorDict, max_ratio: float | None) 
 @PARADIGMS.register("split")
 class SplitFed(Paradigm):
     capabilities = Capabilities(split_sessions=True)
+    private_state = SESSION_PRIVATE_STATE
     exclusive_settings = {"compression applies to the split interfaces": _compression_on}
     own_sections = ("split", "compression")
 
@@ -163,6 +164,9 @@ class SplitFed(Paradigm):
             streams.append(SampleStream(rows, cfg.seed, cid))
         return streams, val_rows
 
+    def client_private_state(self, cid: int) -> dict:
+        return {"stream": self.streams[cid].state_dict()}
+
     # -- one client's round -------------------------------------------------------------------
     def _job(self, round: int, cid: int, cut: Cut) -> ClientJob:
         keys = self.trainer.keys(set(cut.client_blocks(self.trainer.num_layers)))
@@ -177,23 +181,22 @@ class SplitFed(Paradigm):
         self.channels.start_session()
         job = self._job(round, cid, cut)
         body = {k: server_body.get(k, self.global_state[k]) for k in self.trainer.keys(set(cut.body(L)))}
-        client = server = None
+        ctx.progress.start_steps(f"round {round} client {cid} (cut {cut.head})", job.state["steps"])
+
+        def drive(client, server):
+            return drive_session(client, server, steps=job.state["steps"], cut=cut, num_layers=L, cost=ctx.cost,
+                                 on_step=ctx.progress.step)
+
         try:
-            client, server = ctx.backend.split_session(self.trainer, job, body)
-            ctx.progress.start_steps(f"round {round} client {cid} (cut {cut.head})", job.state["steps"])
-            run = drive_session(client, server, steps=job.state["steps"], cut=cut, num_layers=L, cost=ctx.cost,
-                                on_step=ctx.progress.step)
-            client_end = client.finish(run.failure, run.mean_loss)
-            server_end = server.finish()
-        except ClientLost as exc:  # a Ray worker died or was late: this client's turn is lost, the round goes on
-            if server is not None:
-                server.abort(lost=True)
+            run, client_end, server_end = ctx.backend.split_turn(self.trainer, job, body, drive)
+        except ClientLost as exc:  # a worker or SuperNode died or was late: this turn is lost, the round goes on
             return Session(None, None, float("nan"), 0, 0, 0, 0, lost=str(exc))
         caches = {}
         for side, report in (("client", client_end.report), ("server", server_end.report)):
             if report is not None:  # the side ran in a worker's copy: count now, merge its caches with the round
                 self.channels.count(report.sends)
-                caches[side] = report.caches
+                if report.caches is not None:  # None: a deployed client keeps its caches on its machine
+                    caches[side] = report.caches
         sampled = ctx.cfg.federation.sampled
         self._sessions_done += 1
         progress = (round - 1 + self._sessions_done / sampled) / ctx.cfg.federation.rounds

@@ -141,6 +141,18 @@ class Backend:
         ``job.download`` is the client's blocks; ``body`` the weights the server's blocks start from."""
         raise NotImplementedError
 
+    def split_turn(self, trainer, job: ClientJob, body: dict, drive: Callable):
+        """One client's whole split session: ``(steps, client result, server result)``. ``drive(client, server)``
+        runs the steps over the endpoints of :meth:`split_session` (returning the driver's ``SessionSteps``); then
+        both ends finish. A lost client side raises :class:`ClientLost` (the server's end aborted as lost)."""
+        client, server = self.split_session(trainer, job, body)
+        try:
+            run = drive(client, server)
+            return run, client.finish(run.failure, run.mean_loss), server.finish()
+        except ClientLost:
+            server.abort(lost=True)
+            raise
+
     def close(self) -> None:
         """Release workers (no-op in-process)."""
 

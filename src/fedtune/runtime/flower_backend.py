@@ -27,8 +27,20 @@ import time
 from fedtune.comm.ledger import DOWN, UP
 from fedtune.core.errors import FedtuneError
 from fedtune.core.files import atomic_write
-from fedtune.runtime.base import BACKENDS, Backend, Capabilities, ClientJob, ClientReply, RoundReplies, with_quorum
+from fedtune.runtime.base import (
+    BACKENDS,
+    Backend,
+    Capabilities,
+    ClientJob,
+    ClientLost,
+    ClientReply,
+    RoundReplies,
+    with_quorum,
+)
 from fedtune.runtime.flower_records import HELLO, RECORD, TurnRequest, read_reply, request_record
+from fedtune.runtime.flower_split import ServerSession, SplitHost, SplitSettings
+from fedtune.split.driver import SessionSteps
+from fedtune.split.protocol import SESSION_PRIVATE_STATE, ClientResult, ServerResult, SideReport
 
 #: Seconds a discovery query waits for SuperNodes to say which client they serve.
 HELLO_TIMEOUT_S = 60.0
@@ -39,6 +51,19 @@ def _carried(message) -> int:
     from flwr.common.serde import message_to_proto
 
     return message_to_proto(message).ByteSize()
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def _exchange_summary(exchanges: list[list[float]]) -> dict:
+    """Medians of the split stream's exchanges, as the clients timed them."""
+    columns = list(zip(*exchanges)) if exchanges else [[], [], [], []]
+    return {"count": len(exchanges), "seconds_median": _median(list(columns[0])),
+            "server_seconds_median": _median(list(columns[1])),
+            "transfer_seconds_median": _median([e[0] - e[1] for e in exchanges]),
+            "up_bytes_median": _median(list(columns[2])), "down_bytes_median": _median(list(columns[3]))}
 
 
 def run_token(run_dir) -> str:
@@ -60,31 +85,51 @@ class FlowerBackend(Backend):
 
     @classmethod
     def check_capabilities(cls, capabilities: Capabilities, paradigm: str) -> None:
-        if capabilities.federated and not capabilities.client_jobs:
-            raise ValueError(f"runtime.backend = 'flower' runs client-job paradigms (fedllm, kd); paradigm "
-                             f"{paradigm!r} is not deployable yet (split sessions need the gRPC split stream)")
+        if capabilities.federated and not (capabilities.client_jobs or capabilities.split_sessions):
+            raise ValueError(f"runtime.backend = 'flower' cannot deploy paradigm {paradigm!r}")
 
-    def __init__(self, ctx, capabilities: Capabilities, build_copy=None, grid=None) -> None:
+    def __init__(self, ctx, capabilities: Capabilities, build_copy=None, grid=None,
+                 split: SplitSettings | None = None) -> None:
         super().__init__(ctx, capabilities, build_copy)
         if grid is None:
             raise FedtuneError("runtime.backend = 'flower' runs inside a Flower ServerApp: write one with "
                                "`fedtune deploy init CONFIG --out APP_DIR` and start it with `flwr run APP_DIR`")
         self.grid = grid
+        self.split_host = None
+        if capabilities.split_sessions:
+            if split is None:
+                raise FedtuneError("a deployed split run needs the split server's certificate and key: give "
+                                   "`fedtune deploy init --certificates DIR` (see `fedtune deploy credentials`)")
+            self.split_host = SplitHost(split, ctx.progress.log)
         self.nodes: dict[int, int] = {}  # client -> Flower node id
         self.token = run_token(ctx.run_dir)
         self.carried = {UP: 0, DOWN: 0}
         self.flower_messages = {UP: 0, DOWN: 0}
         self.lost_turns = 0
         self.retries = 0
-        self.round_trips: list[float] = []
+        self.round_trips: list[float] = []  # seconds from sending a round's (or session's) messages to the replies
+        self.exchanges: list[list[float]] = []  # split: per step exchange [seconds, server seconds, up, down bytes]
+        self.hello_seconds: float | None = None  # one discovery query's round trip: Flower's fixed cost
         self._discover(wait_for=ctx.cfg.federation.num_clients, deadline=time.monotonic() + HELLO_TIMEOUT_S)
 
+    def close(self) -> None:
+        if self.split_host is not None:
+            self.split_host.close()
+
     def info(self) -> dict:
+        info = self._info()
+        if self.split_host is not None:
+            frames = self.split_host.server.frames
+            info["split_stream_bytes"] = {"up": frames["up"], "down": frames["down"]}
+            info["split_exchanges"] = _exchange_summary(self.exchanges)
+        return info
+
+    def _info(self) -> dict:
         return {"backend": self.name, "nodes": {str(c): n for c, n in sorted(self.nodes.items())},
                 "carried_bytes": {"up": self.carried[UP], "down": self.carried[DOWN]},
                 "flower_messages": {"up": self.flower_messages[UP], "down": self.flower_messages[DOWN]},
                 "lost_client_turns": self.lost_turns, "retries": self.retries,
-                "turn_seconds_median": sorted(self.round_trips)[len(self.round_trips) // 2] if self.round_trips else None}
+                "turn_seconds_median": _median(self.round_trips), "hello_seconds": self.hello_seconds}
 
     # -- which node serves which client ---------------------------------------------------------------
     def _send(self, messages: list, timeout: float) -> list:
@@ -108,7 +153,10 @@ class FlowerBackend(Backend):
             if new:
                 asks = [Message(RecordDict({RECORD: ConfigRecord({"ask": HELLO})}), dst_node_id=n,
                                 message_type="query") for n in new]
-                for reply in self._send(asks, timeout=max(1.0, deadline - time.monotonic())):
+                start = time.monotonic()
+                replies = self._send(asks, timeout=max(1.0, deadline - time.monotonic()))
+                self.hello_seconds = time.monotonic() - start
+                for reply in replies:
                     if reply.has_error():
                         self.ctx.progress.log(f"[yellow]SuperNode {reply.metadata.src_node_id} did not say which "
                                               f"client it serves: {reply.error.reason}")
@@ -129,7 +177,7 @@ class FlowerBackend(Backend):
         sent: set[int] = set()
 
         def attempt(clients: list[int]) -> dict[int, str]:
-            lost = self._attempt(paradigm, [by_client[c] for c in clients], out, sent)
+            lost = self._attempt(set(paradigm.private_state), [by_client[c] for c in clients], out, sent)
             self.lost_turns += len(lost)
             return lost
 
@@ -144,11 +192,13 @@ class FlowerBackend(Backend):
             self.ctx.progress.log(f"[yellow]round {round}: client {cid} lost: {why}")
         return out
 
-    def _attempt(self, paradigm, jobs: list[ClientJob], out: RoundReplies, sent: set[int]) -> dict[int, str]:
+    def _attempt(self, private: set[str], jobs: list[ClientJob], out: RoundReplies, sent: set[int],
+                 session: bool = False) -> dict[int, str]:
+        """Send each job's turn, wait for the replies; returns the lost turns. ``session``: split sessions (the
+        request carries the split stream's ticket)."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
         transport, lost, messages = self.ctx.transport, {}, []
-        private = set(paradigm.private_state)
         online = set(self.grid.get_node_ids())
         for job in jobs:
             node = self.nodes.get(job.client)
@@ -161,7 +211,8 @@ class FlowerBackend(Backend):
                                       retransmit=job.client in sent)
                 sent.add(job.client)
             directives = {k: v for k, v in job.state.items() if k not in private}
-            record = request_record(TurnRequest(job.round, job.client, self.token, data, directives))
+            ticket = self.split_host.ticket() if session else None
+            record = request_record(TurnRequest(job.round, job.client, self.token, data, directives, ticket))
             messages.append(Message(RecordDict({RECORD: ConfigRecord(record)}), dst_node_id=node,
                                     message_type="train", group_id=str(job.round)))
         start = time.monotonic()
@@ -179,6 +230,31 @@ class FlowerBackend(Backend):
             else:
                 out.replies[by_node[reply.metadata.src_node_id]] = self._reply(job, read_reply(reply.content[RECORD]))
         return lost
+
+    # -- a deployed split session ----------------------------------------------------------------
+    def split_turn(self, trainer, job: ClientJob, body: dict, drive):
+        """The client drives its session from its machine (``drive`` is the simulation's driver, unused here); the
+        split server runs this end. Returns what the in-process driver would: (steps, client result, server
+        result); a session without a reply is lost (:class:`~fedtune.runtime.base.ClientLost`)."""
+        session = ServerSession(trainer, self.ctx.transport, job, body)
+        self.split_host.expect(session)
+        out = RoundReplies()
+        try:
+            lost = self._attempt(set(SESSION_PRIVATE_STATE), [job], out, set(), session=True)
+        finally:
+            self.split_host.drop(job.round, job.client)
+        if lost:
+            self.lost_turns += 1
+            session.side.abort()
+            raise ClientLost(lost[job.client])
+        reply = out.replies[job.client]
+        stats = reply.stats
+        run = SessionSteps(stats["losses"], stats["client_flops"], stats["server_flops"], stats["failure"])
+        sends = [tuple(s) for s in stats["sends"]]
+        self.exchanges.extend(stats.get("exchanges", []))
+        client = ClientResult(reply.upload, stats["memory"], job.state["stream"], SideReport(sends, None))
+        body_state, memory = session.side.finish()
+        return run, client, ServerResult(body_state, memory)
 
     def _reply(self, job: ClientJob, turn) -> ClientReply:
         upload = self.ctx.transport.receive(turn.upload, round=job.round, client=job.client, direction=UP)

@@ -22,6 +22,7 @@ class TurnRequest:
     token: str
     download: bytes | None
     directives: dict
+    session: dict | None = None  # split learning: the split stream's address, the run's secret and its CA
 
 
 @dataclass
@@ -40,12 +41,15 @@ def request_record(request: TurnRequest) -> dict:
               "directives": _json(request.directives)}
     if request.download is not None:
         record["download"] = request.download
+    if request.session is not None:
+        record["session"] = _json(request.session)
     return record
 
 
 def read_request(record) -> TurnRequest:
+    session = json.loads(record["session"]) if "session" in record else None
     return TurnRequest(int(record["round"]), int(record["client"]), str(record["token"]),
-                       record.get("download"), json.loads(record["directives"]))
+                       record.get("download"), json.loads(record["directives"]), session)
 
 
 def reply_record(reply: TurnReply) -> dict:

@@ -35,6 +35,9 @@ from fedtune.comm.messages import Message
 
 TensorDict = dict[str, torch.Tensor]
 
+#: The keys of a session's turn state that are the client's own (``Paradigm.private_state``): its data position.
+SESSION_PRIVATE_STATE = ("stream",)
+
 #: Kind of the message that ends a step which cannot go on (its ``meta["reason"]`` says why).
 STEP_FAILURE = "step_failure"
 
@@ -62,7 +65,8 @@ class SideReport:
     """What a side that ran in another process's copy of the channels hands back for the driver's channels."""
 
     sends: list[tuple[str, int, int, int]]  # (interface, samples sent, samples offered, epoch) per message
-    caches: dict  # the side's reuse-cache entries of the samples the session touched (``export_caches``)
+    caches: dict | None  # the side's reuse-cache entries of the samples the session touched (``export_caches``);
+    # None: they stay on the side's machine (a deployed client)
 
 
 @dataclass

@@ -1,0 +1,164 @@
+"""Deployment benchmark (issue 19), in one run on loopback, tiny model, three SuperNodes with TLS and SuperNode
+authentication (tests/flower_lab.py starts and stops everything):
+
+1. FedLLM: seconds per round deployed on Flower vs simulated in process (the same config and seed; rounds 1..R),
+   and Flower's fixed cost of one message round trip (the backend's discovery query: SuperNode polling plus a
+   fresh ClientApp process with its imports, no training);
+2. split learning (standard, cut after block 1): per split step, the deployed exchange over the split stream
+   (as the client timed it, less the server's compute, which the server reports) against a bare gRPC round trip
+   of the same bytes up and down (plain grpcio bidirectional stream, TLS, no fedtune framing; goal: at most
+   1.2x), and the whole step exchange (server compute included) deployed vs the Ray backend vs in process.
+
+    python bench/deploy_bench.py            # prints the table, writes bench/out/deploy/result.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
+
+from flower_lab import FlowerLab  # noqa: E402
+from ray_bench import _ray_env  # noqa: E402
+
+NODES = 3
+
+
+def _deploy(lab: FlowerLab, cfg, work: Path) -> dict:
+    from fedtune.deploy.app_files import write_app
+    from fedtune.engine.partition_files import write_partition_files
+
+    write_partition_files(cfg, work / "data")
+    for i in range(NODES):
+        home = lab.root / f"node-{i}"
+        home.mkdir(exist_ok=True)
+        (home / "train.jsonl").write_bytes((work / "data" / f"client-{i}.jsonl").read_bytes())
+    app = write_app(cfg, work / "app", work / "deployed", certificates=lab.creds.ca_cert.parent)
+    lab.run_app(app, timeout=900)
+    return json.loads((work / "deployed" / "summary.json").read_text())
+
+
+def _round_seconds(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["wall_s"] for r in rows if r["round"] > 0]
+
+
+def _timed_steps(cls, method: str) -> list[float]:
+    """Wrap ``cls.method`` to time each call (the bench's own measurement of a backend's step exchange)."""
+    times: list[float] = []
+    original = getattr(cls, method)
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - start)
+
+    setattr(cls, method, timed)
+    return times
+
+
+def _bare_grpc(creds, up: int, down: int, repeats: int = 100) -> float:
+    """Median seconds of one round trip of ``up`` bytes and ``down`` bytes back on a plain grpcio bidi stream."""
+    import queue
+
+    import grpc
+
+    from fedtune.runtime.split_stream import OPTIONS
+
+    reply = b"x" * down
+
+    def echo(requests, context):
+        for _ in requests:
+            yield reply
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=OPTIONS)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(echo)})])
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(creds.server_key.read_bytes(), creds.server_cert.read_bytes())]))
+    server.start()
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(creds.ca_cert.read_bytes()),
+                                  OPTIONS)
+    requests: queue.Queue = queue.Queue()
+    replies = iter(channel.stream_stream("/bench.Echo/Stream")(iter(requests.get, None)))
+    payload, times = b"y" * up, []
+    for _ in range(repeats + 5):
+        start = time.perf_counter()
+        requests.put(payload)
+        next(replies)
+        times.append(time.perf_counter() - start)
+    requests.put(None)
+    channel.close()
+    server.stop(0)
+    return statistics.median(times[5:])
+
+
+def main() -> None:
+    from fedtune.config import load_config
+    from fedtune.engine.runner import Runner
+    from fedtune.runtime.ray_split import RayServer
+    from fedtune.split.session import LocalServer
+
+    work = Path(tempfile.mkdtemp(prefix="fedtune-deploy-bench-"))
+    _ray_env(work)
+    tiny = ROOT / "configs" / "tiny.toml"
+    fed = load_config(tiny, ["federation.rounds=3", "name=bench-fedllm"])
+    split = load_config(tiny, ["paradigm=split", "split.cut=1", "federation.rounds=2", "name=bench-split"])
+    result: dict = {}
+    Runner(fed, work / "fedllm-sim").run()
+    in_process_steps = _timed_steps(LocalServer, "step")
+    Runner(split, work / "split-sim").run()
+    ray_steps = _timed_steps(RayServer, "step")
+    Runner(load_config(tiny, ["paradigm=split", "split.cut=1", "federation.rounds=2", "runtime.backend=ray"]),
+           work / "split-ray").run()
+    with FlowerLab(work / "lab", NODES) as lab:
+        lab.start_superlink()
+        for i in range(NODES):
+            lab.register(i)
+            home = lab.root / f"node-{i}"
+            lab.start_supernode(i, f'partition-id={i} data-path="{home}/train.jsonl" state-dir="{home}/state"')
+        for i in range(NODES):
+            lab.wait_connected(i)
+        fed_summary = _deploy(lab, fed, work / "fedllm")
+        split_summary = _deploy(lab, split, work / "split")
+        exchanges = split_summary["runtime"]["split_exchanges"]
+        bare = _bare_grpc(lab.creds, int(exchanges["up_bytes_median"]), int(exchanges["down_bytes_median"]))
+    sim_round = statistics.median(_round_seconds(work / "fedllm-sim"))
+    dep_round = statistics.median(_round_seconds(work / "fedllm" / "deployed"))
+    result["fedllm"] = {"simulated_round_s": sim_round, "deployed_round_s": dep_round,
+                        "flower_message_round_trip_s": fed_summary["runtime"]["hello_seconds"],
+                        "carried_bytes": fed_summary["runtime"]["carried_bytes"], "ledger": fed_summary["comm"]}
+    result["split"] = {"exchanges": exchanges, "bare_grpc_s": bare,
+                       "transfer_vs_bare": exchanges["transfer_seconds_median"] / bare,
+                       "step_exchange_s": {"deployed": exchanges["seconds_median"],
+                                           "ray": statistics.median(ray_steps),
+                                           "in_process": statistics.median(in_process_steps)},
+                       "stream_bytes": split_summary["runtime"]["split_stream_bytes"], "ledger": split_summary["comm"]}
+    out = ROOT / "bench" / "out" / "deploy"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    f, s = result["fedllm"], result["split"]
+    print("| measure | value |\n|---|---|")
+    print(f"| FedLLM seconds per round, simulated in process | {f['simulated_round_s']:.2f} |")
+    print(f"| FedLLM seconds per round, deployed (3 SuperNodes) | {f['deployed_round_s']:.2f} |")
+    print(f"| Flower message round trip, no training (query to 3 SuperNodes) | {f['flower_message_round_trip_s']:.2f} |")
+    print(f"| split step: stream transfer (exchange less server compute), median | "
+          f"{1e3 * exchanges['transfer_seconds_median']:.2f} ms |")
+    print(f"| split step: bare gRPC round trip of the same bytes ({int(exchanges['up_bytes_median'])} up, "
+          f"{int(exchanges['down_bytes_median'])} down) | {1e3 * bare:.2f} ms |")
+    print(f"| ratio (goal <= 1.2) | {s['transfer_vs_bare']:.2f} |")
+    for name, value in s["step_exchange_s"].items():
+        print(f"| split step exchange incl. server compute, {name} | {1e3 * value:.2f} ms |")
+
+
+if __name__ == "__main__":
+    main()

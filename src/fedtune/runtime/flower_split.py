@@ -1,0 +1,124 @@
+"""Deployed split sessions, the server's half: the split server in the ServerApp's process.
+
+The client's ClientApp drives its session (:mod:`fedtune.deploy.split_client`): per step it sends its activations
+over the split stream (:mod:`fedtune.runtime.split_stream`) and gets the gradients back, one round trip, as a bare
+gRPC exchange would. Here each frame is handed to the session's :class:`~fedtune.split.session.ServerSide`, which
+runs on the run's own model and channels (as in process), and every message is recorded by the run's transport:
+the client's as they arrive, the server's as they leave, so the ledger equals the simulation's. The random
+generator's state travels with the frames (``rng``), so dropout draws are the simulation's too.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedtune.comm.ledger import DOWN, UP
+from fedtune.core.errors import FedtuneError
+from fedtune.runtime.split_stream import SplitStreamServer
+from fedtune.split.session import open_server_side, rng_state, set_rng_state
+
+
+def rng_to_text(state: dict) -> str:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def rng_from_text(text: str) -> dict:
+    return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """Where the split server listens and how clients reach it (the app's run config)."""
+
+    host: str  # address to listen on, e.g. 0.0.0.0 or the coordinator's address
+    advertise: str  # the host clients dial (a name or address in the certificate)
+    cert: Path
+    key: Path
+    ca: Path  # the certificate authority clients verify the split server with (sent inside their Flower message)
+
+
+class ServerSession:
+    """One client's session on the split server."""
+
+    def __init__(self, trainer, transport, job, body) -> None:
+        self.side = open_server_side(trainer, job, body)
+        self.transport, self.round, self.cid = transport, job.round, job.client
+        self.device = trainer.ctx.device
+
+    def _up(self, payload: bytes, header: dict):
+        return self.transport.receive(payload, round=self.round, client=self.cid, direction=UP,
+                                      baseline_bytes=header.get("baseline"))
+
+    def _down(self, message, baseline, **header) -> tuple[dict, bytes]:
+        data = self.transport.send(message, round=self.round, client=self.cid, direction=DOWN, baseline=baseline)
+        return header, data
+
+    def handle(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        """One frame of the session; the reply's header says how long the server computed (``server_s``)."""
+        start = time.perf_counter()
+        reply, data = self._handle(header, payload)
+        return {**reply, "server_s": time.perf_counter() - start}, data
+
+    def _handle(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        op = header["op"]
+        if "rng" in header:
+            set_rng_state(rng_from_text(header["rng"]), self.device)
+        if op == "step":
+            message, baseline, loss = self.side.step(self._up(payload, header), header["rows"], header["epoch"])
+            return self._down(message, baseline, loss=loss, rng=rng_to_text(rng_state(self.device)))
+        if op == "forward":
+            message, baseline = self.side.forward(self._up(payload, header), header["rows"], header["epoch"])
+            return self._down(message, baseline, rng=rng_to_text(rng_state(self.device)))
+        if op == "backward":
+            return self._down(*self.side.backward(self._up(payload, header)))
+        if op == "failure":  # the client's step failure notice (recorded as it crossed), then the session stops
+            self._up(payload, header)
+            return {}, b""
+        if op == "abort":
+            self.side.abort()
+            return {}, b""
+        raise FedtuneError(f"split stream: unknown operation {op!r}")
+
+
+class SplitHost:
+    """The split server and the session each client is expected to open."""
+
+    def __init__(self, settings: SplitSettings, log) -> None:
+        self.settings, self.log = settings, log
+        self.secret = secrets.token_hex(32)
+        self.sessions: dict[tuple[int, int], ServerSession] = {}
+        self.lock = threading.Lock()
+        self.server = SplitStreamServer(settings.host, settings.cert, settings.key, self.secret, self._open, log)
+        self.address = f"{settings.advertise}:{self.server.port}"
+
+    def expect(self, session: ServerSession) -> None:
+        with self.lock:
+            self.sessions[(session.round, session.cid)] = session
+
+    def drop(self, round: int, cid: int) -> ServerSession | None:
+        with self.lock:
+            return self.sessions.pop((round, cid), None)
+
+    def _open(self, hello: dict):
+        with self.lock:
+            session = self.sessions.get((int(hello["round"]), int(hello["client"])))
+        if session is None:
+            raise FedtuneError(f"no session of client {hello.get('client')} in round {hello.get('round')} is open")
+        return session.handle
+
+    def ticket(self) -> dict:
+        """What a client needs to open its session: the address, the secret and the CA to verify the server with."""
+        return {"address": self.address, "secret": self.secret, "ca": self.settings.ca.read_text()}
+
+    def close(self) -> None:
+        self.server.stop()
