@@ -21,9 +21,10 @@ def test_client_files_hold_each_clients_rows_and_read_back(tmp_path, capsys):
     assert main(["partition", str(TINY), *(x for s in sets for x in ("--set", s)), "--out", str(tmp_path)]) == 0
     cfg = load_config(TINY, sets)
     data = load_run_data(cfg)
-    train = data.splits.train
-    for cid, rows in enumerate(data.partitions):
-        assert _lines(tmp_path / f"client-{cid}.jsonl") == [train[i] for i in rows]
+    train = data.train.remove_columns(["input_ids", "labels", "length"])  # the tokenized split's rows, raw columns
+    for cid, rows in enumerate(data.partitions):  # each row with its id in the run
+        assert _lines(tmp_path / f"client-{cid}.jsonl") == [{**train[i], "fedtune_row": i} for i in rows]
+    assert _lines(tmp_path / "public.jsonl") == [{**train[i], "fedtune_row": i} for i in data.reserved]
     assert sum(len(p) for p in data.partitions) == len(train) - 16
     assert _lines(tmp_path / "eval.jsonl") == list(data.splits.eval)
     assert json.loads((tmp_path / "partition.json").read_text())["reserved_rows"] == 16

@@ -20,7 +20,6 @@ from fedtune.config import RunConfig
 from fedtune.core.errors import ConfigError
 from fedtune.core.progress import RunProgress
 from fedtune.data.formatting import collate, format_prompt, tokenize_examples
-from fedtune.data.partition import partition_indices, partition_summary
 from fedtune.data.references import reference_sets
 from fedtune.data.sources import DataSplits, load_splits
 from fedtune.models.flops import ModelCost, model_cost
@@ -128,6 +127,9 @@ def load_run_data(cfg: RunConfig) -> RunData:
 
 def _partitions(cfg: RunConfig, train, label_column: str | None, reserved: set[int]) -> tuple[list[list[int]], dict]:
     """Each client's rows, less the rows the paradigm reserves (before anything is written or planned from them)."""
+    # Imported here: flwr-datasets brings seaborn and scipy.stats (1.5 s), which a deployed client's copy never needs.
+    from fedtune.data.partition import partition_indices, partition_summary
+
     parts = partition_indices(train, cfg.partition, cfg.federation.num_clients, cfg.seed, label_column)
     if reserved:
         parts = [[i for i in part if i not in reserved] for part in parts]
