@@ -22,8 +22,9 @@ demo: $(STAMP)
 	$(BIN)/fedtune run configs/demo.toml
 
 # The suite in parallel (one pytest worker per core, at most 4), then the Flower deployment tests and the Ray tests,
-# each alone: both time their processes' turns, and competing test processes slow those several-fold (run beside
-# the suite, the suite and the Flower tests each took 10.5 minutes).
+# each alone: both time their processes' turns, and competing test processes slow those several-fold (beside the
+# suite, the suite and the Flower tests each took 10.5 minutes; the two Flower modules side by side lost turns to
+# their 30 s client timeout).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 -m "not ray and not flower"
 	$(BIN)/python -m pytest -m flower

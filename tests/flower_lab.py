@@ -204,3 +204,53 @@ class FlowerLab:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# -- what the deployment test modules share --------------------------------------------------------------------
+NODES = 3
+
+
+def node_config(lab: FlowerLab, i: int) -> str:
+    """SuperNode ``i``'s node config: its organisation's files, which each test replaces with its run's."""
+    home = lab.root / f"node-{i}"
+    return (f'partition-id={i} data-path="{home}/train.jsonl" public-path="{home}/public.jsonl" '
+            f'eval-path="{home}/eval.jsonl" state-dir="{home}/state"')
+
+
+def running_lab(root: Path):
+    """A SuperLink and three registered, connected SuperNodes (a generator for a module-scoped fixture: a
+    SuperNode that stops cannot rejoin until the SuperLink has missed its heartbeats, about a minute)."""
+    with FlowerLab(root, NODES) as lab:
+        lab.start_superlink()
+        for i in range(NODES):
+            lab.register(i)
+        for i in range(NODES):
+            lab.start_supernode(i, node_config(lab, i))
+        for i in range(NODES):
+            lab.wait_connected(i)
+        yield lab
+
+
+def give_data(lab: FlowerLab, cfg, work: Path) -> None:
+    """Partition ``cfg``'s data as a laboratory does and hand each organisation its file (and the shared ones)."""
+    import shutil
+
+    from fedtune.engine.partition_files import write_partition_files
+
+    data = work / "data"
+    write_partition_files(cfg, data)
+    for i in range(NODES):
+        home = lab.root / f"node-{i}"
+        home.mkdir(exist_ok=True)
+        shutil.copyfile(data / f"client-{i}.jsonl", home / "train.jsonl")
+        shutil.copyfile(data / "eval.jsonl", home / "eval.jsonl")
+        if (data / "public.jsonl").exists():
+            shutil.copyfile(data / "public.jsonl", home / "public.jsonl")
+
+
+def wait_file(path: Path, ready, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and ready(path)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {path}")
+        time.sleep(0.5)
