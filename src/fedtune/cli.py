@@ -105,7 +105,8 @@ def _add_deploy(sub) -> None:
     init.add_argument("--certificates", help="split learning: folder with ca.crt, server.pem and server.key for "
                       "the split stream's TLS (the SuperLink's own serve)")
     init.add_argument("--split-host", default="127.0.0.1", help="split learning: the address the split server "
-                      "listens on and clients dial (named in the certificate)")
+                      "listens on and clients dial (named in the certificate), HOST or HOST:PORT (no port: a free "
+                      "one; give one for a firewall)")
     init.set_defaults(handler=_deploy_init)
     creds = deploy.add_parser("credentials", help="a self-signed CA, the SuperLink's TLS certificate and "
                               "SuperNode authentication keys (laboratories and tests)")

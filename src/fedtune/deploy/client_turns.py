@@ -30,8 +30,8 @@ from fedtune.deploy.client_state import ClientStateStore
 from fedtune.deploy.split_client import run_session
 from fedtune.engine.client_copy import build_client_copy
 from fedtune.runtime.base import ClientJob
-from fedtune.split.session import open_client_side
 from fedtune.runtime.flower_records import HELLO, RECORD, TurnReply, read_request, reply_record
+from fedtune.split.session import open_client_side
 
 _KNOWN = ("partition-id", "data-path", "public-path", "eval-path", "state-dir")
 

@@ -40,7 +40,7 @@ def rng_from_text(text: str) -> dict:
 class SplitSettings:
     """Where the split server listens and how clients reach it (the app's run config)."""
 
-    host: str  # address to listen on, e.g. 0.0.0.0 or the coordinator's address
+    host: str  # address to listen on, HOST or HOST:PORT (no port: a free one), e.g. 0.0.0.0:9443
     advertise: str  # the host clients dial (a name or address in the certificate)
     cert: Path
     key: Path
@@ -99,7 +99,7 @@ class SplitHost:
         self.sessions: dict[tuple[int, int], ServerSession] = {}
         self.lock = threading.Lock()
         self.server = SplitStreamServer(settings.host, settings.cert, settings.key, self.secret, self._open, log)
-        self.address = f"{settings.advertise}:{self.server.port}"
+        self.address = f"{settings.advertise.rsplit(':', 1)[0]}:{self.server.port}"  # the host, the bound port
 
     def expect(self, session: ServerSession) -> None:
         with self.lock:
