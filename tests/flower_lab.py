@@ -103,8 +103,9 @@ class FlowerLab:
         self._wait_for(lambda: "Successfully started run" in self.log(name), "the run to start", name)
         return int(self.log(name).split("Successfully started run", 1)[1].split()[0])
 
-    def wait_log(self, name: str, text: str, timeout: float = 300) -> None:
-        self._wait_for(lambda: text in self.log(name), repr(text), name, timeout)
+    def wait_log(self, name: str, text: str, timeout: float = 300, after: int = 0) -> None:
+        """Wait until ``name``'s log shows ``text`` (past its first ``after`` characters)."""
+        self._wait_for(lambda: text in self.log(name)[after:], repr(text), name, timeout)
 
     def descendants(self, name: str) -> list:
         """The processes ``name`` started, and theirs (psutil; Flower's SuperExec starts its own session)."""
@@ -192,7 +193,8 @@ class FlowerLab:
                 return
             self.processes.pop(f"supernode-{index}", None)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"SuperNode {index} was not accepted again:\n{self.log(f'supernode-{index}')[-2000:]}")
+                log = self.log(f"supernode-{index}")[-2000:]
+                raise TimeoutError(f"SuperNode {index} was not accepted again:\n{log}")
             time.sleep(5)
 
     def wait_connected(self, index: int, timeout: float = 60) -> None:

@@ -22,18 +22,24 @@ def lab(tmp_path_factory):
     yield from running_lab(tmp_path_factory.mktemp("flower-faults"))
 
 
-def test_unregistered_supernode_is_refused(lab):
-    stranger = write_node_key(lab.root / "stranger-key")
-    proc = lab.start_supernode(NODES, 'partition-id=0 data-path="/nonexistent.jsonl"', key=stranger)
+def _refused_supernode(lab, index: int, why: str, **start) -> str:
+    """Start SuperNode ``index`` with ``start``'s key or CA, which the federation must refuse: it exits with an
+    error and never connects. Returns its log."""
+    proc = lab.start_supernode(index, 'partition-id=0 data-path="/nonexistent.jsonl"', **start)
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
-        pytest.fail("a SuperNode with an unregistered key kept running:\n" + lab.log(f"supernode-{NODES}")[-2000:])
+        pytest.fail(f"a SuperNode {why} kept running:\n" + lab.log(f"supernode-{index}")[-2000:])
     finally:
-        lab.kill(f"supernode-{NODES}")
-    log = lab.log(f"supernode-{NODES}")
-    assert proc.returncode != 0
-    assert "SuperNode ID" not in log
+        lab.kill(f"supernode-{index}")
+    log = lab.log(f"supernode-{index}")
+    assert proc.returncode != 0 and "SuperNode ID" not in log, log[-2000:]
+    return log
+
+
+def test_unregistered_supernode_is_refused(lab):
+    stranger = write_node_key(lab.root / "stranger-key")
+    log = _refused_supernode(lab, NODES, "with an unregistered key", key=stranger)
     assert "Failed to activate SuperNode" in log, log[-2000:]  # the SuperNode's side
     assert "No SuperNode found with the given public key" in lab.log("superlink")  # the SuperLink's side
 
@@ -42,17 +48,8 @@ def test_supernode_trusting_another_ca_is_refused(lab, tmp_path):
     from fedtune.deploy.credentials import make_credentials
 
     other = make_credentials(tmp_path / "other", ["127.0.0.1"], 0)
-    index = NODES + 1
-    proc = lab.start_supernode(index, 'partition-id=0 data-path="/nonexistent.jsonl"', root_certificates=other.ca_cert,
-                               key=lab.creds.node_key(NODES))
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail("a SuperNode that cannot verify the SuperLink kept running:\n" + lab.log(f"supernode-{index}")[-2000:])
-    finally:
-        lab.kill(f"supernode-{index}")
-    log = lab.log(f"supernode-{index}")
-    assert proc.returncode != 0 and "SuperNode ID" not in log
+    log = _refused_supernode(lab, NODES + 1, "that cannot verify the SuperLink", root_certificates=other.ca_cert,
+                             key=lab.creds.node_key(NODES))
     assert "certificate" in log.lower(), log[-2000:]
 
 
@@ -69,8 +66,7 @@ def test_supernode_killed_mid_round_then_rejoins(lab, tiny_config):
     seen = len(lab.log("supernode-2"))
     try:
         lab.start_run(app, name="node-fault-run")
-        lab._wait_for(lambda: "Receiving: train message" in lab.log("supernode-2")[seen:], "round 1's turn",
-                      "supernode-2", 300)  # it reached client 2: kill the node mid-round
+        lab.wait_log("supernode-2", "Receiving: train message", after=seen)  # reached client 2: kill it mid-round
         lab.kill("supernode-2")
         metrics = work / "deployed" / "metrics.jsonl"
         wait_file(metrics, lambda p: _metrics_rounds(p) >= 1)
