@@ -57,6 +57,25 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, expected):
         assert text in str(err.value), (text, str(err.value))
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], ["set runtime.backend = 'flower'", "'inprocess'"]),
+        (["runtime.backend='flower'", "pruning.rates=[0.5]"], ["pruned adapters", "pruning.rates = []"]),
+        (["runtime.backend='flower'", "network.planner='equal'"], ["stragglers", "network.planner = 'none'"]),
+        (["runtime.backend='flower'", "federation.clients_per_round=1"], ["at least 2 clients per round"]),
+        (["runtime.backend='flower'", "deploy.secagg_quantization_range=2147483648"], ["overflows", "2^32"]),
+        (["paradigm=kd"], ["deploy.secure_aggregation applies to paradigm 'fedllm'"]),
+    ],
+)
+def test_secure_aggregation_refuses_what_a_secure_sum_cannot_do(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["deploy.secure_aggregation=true", *overrides])
+    for text in expected:
+        assert text in str(err.value), (text, str(err.value))
+    load_config(TINY, ["deploy.secure_aggregation=true", "runtime.backend='flower'"])  # what it needs
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         load_config(TINY, ["federation.rounds"])

@@ -83,15 +83,61 @@ SPLIT_VARIANTS = {
 }
 
 
+SECURE = ("federation.rounds=2", "federation.strategy='fedadam'", "name=secure-deployed")
+
+
+def _prepare_secure(lab: FlowerLab, tiny_config) -> tuple[Path, Path]:
+    """A FedLLM run with SecAgg+ (its twin: the plain simulation); returns (simulated run dir, app dir)."""
+    work = lab.root / "secure"
+    _simulate(tiny_config(*SECURE), work / "simulated")
+    cfg = tiny_config(*SECURE, "runtime.backend='flower'", "deploy.secure_aggregation=true")
+    return work / "simulated", write_app(cfg, work / "app", work / "deployed", certificates=lab.creds.ca_cert.parent)
+
+
+def _adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def _check_secure(deployed: Path, simulated: Path) -> None:
+    """SecAgg+ gives the plain simulation's training up to its quantisation (steps of 4e-6), while the server's
+    ledger holds only masked uploads."""
+    import torch
+
+    got, want = _rows(deployed), _rows(simulated)
+    assert [r["round"] for r in got] == [r["round"] for r in want]
+    for a, b in zip(got, want):
+        assert a["downlink_bytes"] == b["downlink_bytes"]
+        assert a["uplink_bytes"] > 1.5 * b["uplink_bytes"] or a["uplink_bytes"] == b["uplink_bytes"] == 0  # int64s
+        for key in ("train_loss", "eval_loss"):
+            if b.get(key) is not None:
+                assert abs(a[key] - b[key]) <= 1e-3 * abs(b[key]), (a["round"], key, a[key], b[key])
+    secure, plain = _adapter(deployed), _adapter(simulated)
+    assert secure.keys() == plain.keys()
+    worst = max(float((secure[k] - plain[k]).abs().max()) for k in secure)
+    assert worst < 1e-3, worst  # the same training, quantised
+    assert any(not torch.equal(secure[k], plain[k]) for k in secure)
+    summary = _summary(deployed)
+    assert summary["runtime"]["secure_rounds"] == 2
+    assert summary["runtime"]["flower_messages"]["down"] >= 2 * 4 * 3  # 4 SecAgg+ stages per client per round
+    comm, plain_comm = summary["comm"], _summary(simulated)["comm"]
+    assert (comm["messages"], comm["downlink_bytes"]) == (plain_comm["messages"], plain_comm["downlink_bytes"])
+    assert comm["uplink_bytes"] > 1.5 * plain_comm["uplink_bytes"]
+
+
 def test_fedllm_and_split_deployed_equal_simulated_even_after_the_serverapp_is_killed(lab, tiny_config):
-    """Three deployed runs at once on the same SuperNodes (they share the clients' data): FedLLM, whose ServerApp
-    is killed after its first checkpoint and resumed, split standard and U-shape with SplitCom. Each equals its
-    simulated twin."""
-    fed_sim, fed_app = _prepare(lab, tiny_config("federation.rounds=3", "name=fedllm-deployed"), "fedllm")
+    """Four deployed runs at once on the same SuperNodes (they share the clients' data): FedLLM with pruned
+    clients, whose ServerApp is killed after its first checkpoint and resumed, FedLLM with SecAgg+, split standard
+    and U-shape with SplitCom. Each equals its simulated twin (SecAgg+: to its quantisation)."""
+    fed_sim, fed_app = _prepare(lab, tiny_config("federation.rounds=3", "pruning.rates=[0.0, 0.5, 0.25]",
+                                                 "name=fedllm-deployed"), "fedllm")
     splits = {name: _prepare(lab, tiny_config("paradigm=split", *variant, "federation.rounds=2", f"name={name}"),
                              name, with_data=False) for name, variant in SPLIT_VARIANTS.items()}
+    secure_sim, secure_app = _prepare_secure(lab, tiny_config)
     fed_dir = fed_app.parent / "deployed"
     try:
+        lab.start_run(secure_app, name="secure-run")
         for name, (_, app) in splits.items():
             lab.start_run(app, name=f"{name}-run")
         lab.start_run(fed_app, name="fedllm-run")
@@ -103,11 +149,12 @@ def test_fedllm_and_split_deployed_equal_simulated_even_after_the_serverapp_is_k
         lab.kill("fedllm-run")
         lab.flwr("stop", str(first), "lab")
         lab.run_app(fed_app, "resume=true", timeout=600)
-        for name in splits:
+        for name in [*splits, "secure"]:
             assert lab.processes[f"{name}-run"].wait(timeout=600) == 0, lab.log(f"{name}-run")[-3000:]
     finally:
-        for name in [*splits, "fedllm"]:
+        for name in [*splits, "fedllm", "secure"]:
             lab.kill(f"{name}-run")
+    _check_secure(secure_app.parent / "deployed", secure_sim)
     summary = _check_twin(fed_dir, fed_sim)
     runtime = summary["runtime"]
     assert runtime["backend"] == "flower" and sorted(runtime["nodes"]) == ["0", "1", "2"]

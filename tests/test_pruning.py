@@ -16,6 +16,7 @@ from fedtune.federated.strategies import ClientUpdate, weighted_mean
 from fedtune.models.flops import forward_flops, model_cost, train_flops
 from fedtune.models.lora import adapter_state, attach_lora, load_adapter_state
 from fedtune.models.pruning import (
+    PruneMask,
     Pruner,
     activation_stats,
     build_pruned_model,
@@ -413,6 +414,30 @@ def test_compensation_keeps_each_projection_output_mean_on_the_calibration_token
         compute_mask(peft, 0.5, targets="both", compensate=True)
     with pytest.raises(FedtuneError, match="with compensation needs calibration samples"):
         Pruner(peft, method="magnitude", compensate=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_mask_survives_json_exactly(arch):
+    """What a deployed server sends a pruned client (through JSON text) builds the same pruned model."""
+    peft = _lora(arch)
+    batch = {"input_ids": IDS % 500, "attention_mask": torch.ones_like(IDS)}
+    mask = compute_mask(peft, 0.5, method="activation", targets="both", activations=activation_stats(peft, [batch]),
+                        compensate=True)
+    back = PruneMask.from_json(json.loads(json.dumps(mask.to_json())))
+    assert (back.rate, back.method, back.targets) == (mask.rate, mask.method, mask.targets)
+    assert back.modules.keys() == mask.modules.keys() and len(back.blocks) == len(mask.blocks)
+    for a, b in [*zip(mask.blocks, back.blocks), *((mask.modules[k], back.modules[k]) for k in mask.modules)]:
+        for name, value in vars(a).items():
+            other = getattr(b, name)
+            if isinstance(value, torch.Tensor):
+                assert other.dtype == value.dtype and torch.equal(other, value), name
+            else:
+                assert other == value, name
+    assert any(m.bias_shift is not None for m in back.modules.values())
+    ids = IDS % 500
+    with torch.no_grad():
+        torch.testing.assert_close(build_pruned_model(peft, back)(ids).logits,
+                                   build_pruned_model(peft, mask)(ids).logits, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from fedtune.config.paradigms import CompressionConfig, KDConfig, PruningConfig,
 from fedtune.config.sections import (
     CheckpointConfig,
     DataConfig,
+    DeployConfig,
     EvalConfig,
     LoraConfig,
     ModelConfig,
@@ -32,7 +33,7 @@ from fedtune.config.sections import (
 )
 from fedtune.core.errors import ConfigError
 
-__all__ = ["CheckpointConfig", "CompressionConfig", "CustomDevice", "DataConfig", "DevicesConfig", "EvalConfig",
+__all__ = ["CheckpointConfig", "CompressionConfig", "CustomDevice", "DataConfig", "DeployConfig", "DevicesConfig", "EvalConfig",
            "FederationConfig", "KDConfig", "LoraConfig", "ModelConfig", "NetworkConfig", "PartitionConfig",
            "PruningConfig", "RunConfig", "RuntimeConfig", "Section", "SplitConfig", "TinyModelConfig", "TrainConfig",
            "build_config", "describe_fields", "load_config", "parse_override", "apply_override"]
@@ -58,6 +59,7 @@ class RunConfig(Section):
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
 

@@ -162,6 +162,22 @@ class RuntimeConfig(Section):
                                    "(placement + model load) before stopping with an error.")
 
 
+class DeployConfig(Section):
+    secure_aggregation: bool = Field(False, description="FedLLM on runtime.backend = 'flower': sum the round's "
+                                     "client adapters with Flower's SecAgg+ protocol, so the server learns only "
+                                     "their sample-weighted mean (and each client's sample count and loss), never "
+                                     "one client's adapter. Four message round trips per round; every strategy "
+                                     "applies to the mean; no pruning, no simulated network.")
+    secagg_threshold: float = Field(0.6, gt=0, le=1, description="SecAgg+: the fraction of a round's clients whose "
+                                    "key shares must come back to unmask the sum; a round where fewer clients "
+                                    "survive the key exchange halts (and is retried, runtime.max_retries).")
+    secagg_clipping_range: float = Field(8.0, gt=0, description="SecAgg+: each weighted adapter value is clipped to "
+                                         "this magnitude before quantisation; a client whose adapter exceeds it "
+                                         "fails its turn with a clear error instead of being silently clipped.")
+    secagg_quantization_range: int = Field(2**22, ge=2**8, description="SecAgg+: quantisation levels over the "
+                                           "clipping range (Flower's default 2^22: steps of 4e-6 at range 8); the "
+                                           "round's clients times this must stay below 2^32.")
+
 
 class CheckpointConfig(Section):
     every: int = Field(1, ge=1, description="Write a checkpoint every N rounds (always after the last).")

@@ -17,11 +17,12 @@ from fedtune.engine.runner import Runner
 from fedtune.runtime.flower_split import SplitSettings
 
 
-def run_server(grid, config_path: Path, run_config: dict) -> dict:
-    """Run the federation of ``config_path`` over ``grid``; returns the run's summary."""
+def run_server(grid, config_path: Path, run_config: dict, context=None) -> dict:
+    """Run the federation of ``config_path`` over ``grid`` (``context``: the ServerApp's Flower context, where
+    SecAgg+ keeps its round state); returns the run's summary."""
     cfg = load_config(config_path)
     run_dir = Path(str(run_config["run-dir"])).expanduser()
-    resources = {"grid": grid, "split": split_settings(run_config)}
+    resources = {"grid": grid, "split": split_settings(run_config), "context": context}
     return Runner(cfg, run_dir, backend_resources=resources).run(resume=bool(run_config.get("resume", False)))
 
 
@@ -45,7 +46,7 @@ def server_app(config_path: Path):
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, Path(config_path), dict(context.run_config))
+        run_server(grid, Path(config_path), dict(context.run_config), context)
 
     return app
 

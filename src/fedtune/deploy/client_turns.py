@@ -30,7 +30,8 @@ from fedtune.deploy.client_state import ClientStateStore
 from fedtune.deploy.split_client import run_session
 from fedtune.engine.client_copy import build_client_copy
 from fedtune.runtime.base import ClientJob
-from fedtune.runtime.flower_records import HELLO, RECORD, TurnReply, read_request, reply_record
+from fedtune.runtime.flower_records import HELLO, RECORD, TurnReply, TurnRequest, read_request, reply_record
+from fedtune.runtime.flower_secagg import SECAGG_CONFIGS
 from fedtune.split.session import open_client_side
 
 _KNOWN = ("partition-id", "data-path", "public-path", "eval-path", "state-dir")
@@ -68,7 +69,11 @@ def hello_reply(node_config) -> dict:
 
 def train_turn(cfg: RunConfig, node: NodeSettings, record) -> dict:
     """One client turn from the server's request record; returns the reply record."""
-    request = read_request(record)
+    return reply_record(client_turn(cfg, node, read_request(record)))
+
+
+def client_turn(cfg: RunConfig, node: NodeSettings, request: TurnRequest) -> TurnReply:
+    """One client turn: build the client's copy, load its private state, train, keep the new private state."""
     if request.client != node.client:
         raise ConfigError(f"the server sent client {request.client}'s turn to the SuperNode of partition-id "
                           f"{node.client}")
@@ -84,11 +89,11 @@ def train_turn(cfg: RunConfig, node: NodeSettings, record) -> dict:
     download = decode(request.download) if request.download is not None else None
     job = ClientJob(request.round, node.client, download, {**request.directives, **own})
     if request.session is not None:
-        return reply_record(_split_turn(ctx, paradigm.trainer, job, request.session, store, request.token))
+        return _split_turn(ctx, paradigm.trainer, job, request.session, store, request.token)
     reply = paradigm.run_client(job)
     store.save(request.round, {k: v for k, v in reply.state.items() if k in private})
     shared = {k: v for k, v in reply.state.items() if k not in private}
-    return reply_record(TurnReply(encode(reply.upload), shared, reply.stats))
+    return TurnReply(encode(reply.upload), shared, reply.stats)
 
 
 def _split_turn(ctx, trainer, job: ClientJob, ticket: dict, store: ClientStateStore, token: str) -> TurnReply:
@@ -122,10 +127,14 @@ def client_app(load: Callable[[], RunConfig]):
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         node = NodeSettings.from_node_config(context.node_config)
+        if SECAGG_CONFIGS in msg.content.config_records:  # a stage of a securely aggregated round
+            from fedtune.deploy.secure_client import secure_train
+
+            return secure_train(load, node, msg, context)
         record = train_turn(load(), node, msg.content[RECORD])
         return Message(RecordDict({RECORD: ConfigRecord(record)}), reply_to=msg)
 
     return app
 
 
-__all__ = ["NodeSettings", "client_app", "hello_reply", "train_turn"]
+__all__ = ["NodeSettings", "client_app", "client_turn", "hello_reply", "train_turn"]

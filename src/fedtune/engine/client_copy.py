@@ -53,8 +53,9 @@ def build_client_copy(cfg: RunConfig, client: int, data_path: str | Path, *, pub
                       data_overrides: dict | None = None) -> tuple[RunContext, Paradigm]:
     """Client ``client``'s copy of the run (context and paradigm), on its own data file (and the held-out file
     ``eval_path`` where the paradigm has clients evaluate their own adapters)."""
-    cfg = build_config({**cfg.model_dump(mode="json"), "runtime": {**cfg.runtime.model_dump(mode="json"),
-                                                                    "backend": "inprocess", "progress": False}})
+    data = cfg.model_dump(mode="json")  # the copy trains this client's turns; the secure sum is the ServerApp's
+    cfg = build_config({**data, "runtime": {**data["runtime"], "backend": "inprocess", "progress": False},
+                        "deploy": {**data["deploy"], "secure_aggregation": False}})
     if not 0 <= client < cfg.federation.num_clients:
         raise ConfigError(f"partition-id = {client} is not a client of this run; allowed: 0.."
                           f"{cfg.federation.num_clients - 1}")

@@ -6,7 +6,10 @@ and returns its adapter (uplink); the strategy aggregates the updates that arriv
 Client-specific pruning (``[pruning]``, or per round from the simulated network's plan): a client with rate rho > 0
 receives the global adapter sliced to its pruned model, trains on that smaller copy of the base model and
 uploads its smaller adapter; the server maps it back to full size and averages every coordinate over the
-clients that kept it (:func:`fedtune.federated.masked.masked_fedavg`), then applies the strategy.
+clients that kept it (:func:`fedtune.federated.masked.masked_fedavg`), then applies the strategy. The mask is the
+server's (calibrated on its samples) and travels with the turn as an instruction, like the rate: deployed, a client
+builds the model the server planned without the calibration samples (it is in the Flower messages' measured bytes,
+not among the ledger's payloads, exactly as in simulation).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from fedtune.training.streams import SampleStream
 class FedLLM(Paradigm):
     capabilities = Capabilities(client_jobs=True, prunes_clients=True, drops_stragglers=True)
     private_state = ("stream",)
-    exclusive_settings = {"pruning.rates applies to paradigm 'fedllm'": lambda cfg: any(cfg.pruning.rates)}
+    exclusive_settings = {"pruning.rates applies to paradigm 'fedllm'": lambda cfg: any(cfg.pruning.rates),
+                          "deploy.secure_aggregation applies to paradigm 'fedllm'":
+                              lambda cfg: cfg.deploy.secure_aggregation}
     own_sections = ("pruning",)
 
     @classmethod
@@ -46,12 +51,29 @@ class FedLLM(Paradigm):
         if len(rates) not in (0, 1, n):
             raise ValueError(f"pruning.rates has {len(rates)} entries but federation.num_clients = {n}; "
                              "give one rate for all clients or one per client")
+        if cfg.deploy.secure_aggregation:
+            cls._check_secure_aggregation(cfg)
 
-    @classmethod
-    def check_remote(cls, cfg) -> None:
-        if any(cfg.pruning.rates) or (cfg.network.enabled and cfg.network.rho_max > 0):
-            raise ValueError("pruned clients are not deployable yet (the pruning mask is calibrated on the "
-                             "server's copy of the training data); set pruning.rates = [] and network.rho_max = 0")
+    @staticmethod
+    def _check_secure_aggregation(cfg) -> None:
+        """What a secure sum (the server sees only the weighted mean of equally shaped adapters) rules out."""
+        if cfg.runtime.backend != "flower":
+            raise ValueError("deploy.secure_aggregation runs Flower's SecAgg+ between a ServerApp and its "
+                             f"SuperNodes: set runtime.backend = 'flower' (it is {cfg.runtime.backend!r})")
+        if any(cfg.pruning.rates):
+            raise ValueError("deploy.secure_aggregation cannot average pruned adapters per coordinate (a secure "
+                             "sum adds equally shaped vectors): set pruning.rates = []")
+        if cfg.network.enabled:
+            raise ValueError("deploy.secure_aggregation cannot follow a simulated network's plan (pruned clients, "
+                             "and stragglers left out once their masked adapters are in the sum): set "
+                             "network.planner = 'none'")
+        if cfg.federation.sampled < 2:
+            raise ValueError("deploy.secure_aggregation needs at least 2 clients per round "
+                             "(federation.clients_per_round)")
+        if cfg.federation.sampled * cfg.deploy.secagg_quantization_range >= 2**32:
+            raise ValueError(f"{cfg.federation.sampled} clients per round x deploy.secagg_quantization_range "
+                             f"{cfg.deploy.secagg_quantization_range} overflows SecAgg+'s 2^32 modulus: lower "
+                             "the quantization range")
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -95,16 +117,21 @@ class FedLLM(Paradigm):
         mask = self.pruner.mask(rate) if rate > 0 else None
         return None if mask is None or mask.is_full else mask
 
+    def client_private_state(self, cid: int) -> dict:
+        return {"stream": self.streams[cid].state_dict()}  # a client's copy cannot plan its turn (no calibration)
+
     def client_job(self, round: int, cid: int) -> ClientJob:
         """Server side of a client's turn: the global adapter it downloads (sliced to its pruned model if it has
         one) and its private state (stream position, pruning rate)."""
         rate = self.pruning_rate(round, cid)
         mask = self._client_mask(rate)
+        state = {"stream": self.streams[cid].state_dict(), "rate": rate}
         if mask is None:
             down = Message("global_adapter", self.global_state)
         else:
             down = Message("global_adapter", slice_adapter(self.global_state, mask), {"pruning_rate": rate})
-        return ClientJob(round, cid, down, {"stream": self.streams[cid].state_dict(), "rate": rate})
+            state["mask"] = mask.to_json()  # an instruction, like the rate: a deployed client cannot calibrate
+        return ClientJob(round, cid, down, state)
 
     def run_client(self, job: ClientJob) -> ClientReply:
         """Client side: train locally from the downloaded adapter and return the upload. Reads only the job, the
@@ -114,6 +141,8 @@ class FedLLM(Paradigm):
         uploads is the pruned one, and FLOPs and memory are those of the pruned model."""
         ctx, cfg, round, cid = self.ctx, self.ctx.cfg, job.round, job.client
         rate = job.state["rate"]
+        if "mask" in job.state:
+            self.pruner.adopt(PruneMask.from_json(job.state["mask"]))
         mask = self._client_mask(rate)
         stream = SampleStream(self.streams[cid].indices, cfg.seed, cid)
         stream.load_state_dict(job.state["stream"])
@@ -177,7 +206,10 @@ class FedLLM(Paradigm):
         masks: dict[int, PruneMask] = {}
         jobs = [self.client_job(round, cid) for cid in clients]
         rates: list[float] = [job.state["rate"] for job in jobs]
-        replies = self.ctx.backend.run_clients(self, jobs)
+        if self.ctx.cfg.deploy.secure_aggregation:  # the uploads carry no tensors: only their mean arrives
+            replies, mean = self.ctx.backend.run_clients_securely(self, jobs, self.global_state)
+        else:
+            replies, mean = self.ctx.backend.run_clients(self, jobs), None
         out.rejected.extend(replies.lost_records())  # turns lost to a dead or late worker (Ray backend)
         for cid in clients:
             if cid not in replies.replies:
@@ -196,11 +228,14 @@ class FedLLM(Paradigm):
             else:
                 updates.append(update)
         if updates:
-            if masks:
+            total = sum(u.num_samples for u in updates)
+            if mean is not None:
+                self.global_state = self.strategy.aggregate(self.global_state,
+                                                            [ClientUpdate(-1, total, mean, float("nan"))])
+            elif masks:
                 self.global_state = self._aggregate_pruned(updates, masks)
             else:
                 self.global_state = self.strategy.aggregate(self.global_state, updates)
-            total = sum(u.num_samples for u in updates)
             out.train_loss = sum(u.train_loss * u.num_samples for u in updates) / total
         if any(rates):
             out.extra["pruning_rates"] = rates

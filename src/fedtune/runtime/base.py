@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from fedtune.comm.messages import Message
-from fedtune.core.errors import ClientQuorumError
+from fedtune.core.errors import ClientQuorumError, FedtuneError
 from fedtune.core.registry import Registry
 
 BACKENDS: Registry[type["Backend"]] = Registry("backend")
@@ -133,6 +133,12 @@ class Backend:
 
     def run_clients(self, paradigm, jobs: list[ClientJob]) -> RoundReplies:
         raise NotImplementedError
+
+    def run_clients_securely(self, paradigm, jobs: list[ClientJob], template: dict) -> tuple[RoundReplies, dict | None]:
+        """The round's jobs with their uploads summed securely (``deploy.secure_aggregation``): the replies, whose
+        uploads carry only their meta, and the sample-weighted mean of the uploads' tensors (shaped and typed like
+        ``template``; None when none arrived). Only a deployment's clients mask their uploads."""
+        raise FedtuneError(f"deploy.secure_aggregation needs runtime.backend = 'flower', not {self.name!r}")
 
     def split_session(self, trainer, job: ClientJob, body: dict):
         """The two ends of one client's split session: ``(client, server)`` endpoints

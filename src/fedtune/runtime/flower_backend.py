@@ -25,7 +25,8 @@ import secrets
 import time
 
 from fedtune.comm.ledger import DOWN, UP
-from fedtune.core.errors import FedtuneError
+from fedtune.comm.messages import decode
+from fedtune.core.errors import ClientQuorumError, FedtuneError
 from fedtune.core.files import atomic_write
 from fedtune.runtime.base import (
     BACKENDS,
@@ -89,12 +90,13 @@ class FlowerBackend(Backend):
             raise ValueError(f"runtime.backend = 'flower' cannot deploy paradigm {paradigm!r}")
 
     def __init__(self, ctx, capabilities: Capabilities, build_copy=None, grid=None,
-                 split: SplitSettings | None = None) -> None:
+                 split: SplitSettings | None = None, context=None) -> None:
         super().__init__(ctx, capabilities, build_copy)
         if grid is None:
             raise FedtuneError("runtime.backend = 'flower' runs inside a Flower ServerApp: write one with "
                                "`fedtune deploy init CONFIG --out APP_DIR` and start it with `flwr run APP_DIR`")
         self.grid = grid
+        self.flower_context = context  # the ServerApp's Flower context (SecAgg+ keeps its round state there)
         self.split_host = None
         if capabilities.split_sessions:
             if split is None:
@@ -106,6 +108,7 @@ class FlowerBackend(Backend):
         self.carried = {UP: 0, DOWN: 0}
         self.flower_messages = {UP: 0, DOWN: 0}
         self.lost_turns = 0
+        self.secure_rounds = 0
         self.retries = 0
         self.round_trips: list[float] = []  # seconds from sending a round's (or session's) messages to the replies
         self.exchanges: list[list[float]] = []  # split: per step exchange [seconds, server seconds, up, down bytes]
@@ -128,7 +131,7 @@ class FlowerBackend(Backend):
         return {"backend": self.name, "nodes": {str(c): n for c, n in sorted(self.nodes.items())},
                 "carried_bytes": {"up": self.carried[UP], "down": self.carried[DOWN]},
                 "flower_messages": {"up": self.flower_messages[UP], "down": self.flower_messages[DOWN]},
-                "lost_client_turns": self.lost_turns, "retries": self.retries,
+                "lost_client_turns": self.lost_turns, "retries": self.retries, "secure_rounds": self.secure_rounds,
                 "turn_seconds_median": _median(self.round_trips), "hello_seconds": self.hello_seconds}
 
     # -- which node serves which client ---------------------------------------------------------------
@@ -198,21 +201,14 @@ class FlowerBackend(Backend):
         request carries the split stream's ticket)."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        transport, lost, messages = self.ctx.transport, {}, []
+        lost, messages = {}, []
         online = set(self.grid.get_node_ids())
         for job in jobs:
             node = self.nodes.get(job.client)
             if node is None or node not in online:
                 lost[job.client] = f"no SuperNode serving partition-id {job.client} is connected"
                 continue
-            data = None
-            if job.download is not None:
-                data = transport.send(job.download, round=job.round, client=job.client, direction=DOWN,
-                                      retransmit=job.client in sent)
-                sent.add(job.client)
-            directives = {k: v for k, v in job.state.items() if k not in private}
-            ticket = self.split_host.ticket() if session else None
-            record = request_record(TurnRequest(job.round, job.client, self.token, data, directives, ticket))
+            record = self._request(job, private, sent, session)
             messages.append(Message(RecordDict({RECORD: ConfigRecord(record)}), dst_node_id=node,
                                     message_type="train", group_id=str(job.round)))
         start = time.monotonic()
@@ -230,6 +226,76 @@ class FlowerBackend(Backend):
             else:
                 out.replies[by_node[reply.metadata.src_node_id]] = self._reply(job, read_reply(reply.content[RECORD]))
         return lost
+
+    def _request(self, job: ClientJob, private: set[str], sent: set[int], session: bool = False) -> dict:
+        """A turn's request record: the download (encoded and recorded, a repeat marked as retransmitted), the
+        instructions (the turn state less the private keys) and, for a split session, the stream's ticket."""
+        data = None
+        if job.download is not None:
+            data = self.ctx.transport.send(job.download, round=job.round, client=job.client, direction=DOWN,
+                                           retransmit=job.client in sent)
+            sent.add(job.client)
+        directives = {k: v for k, v in job.state.items() if k not in private}
+        ticket = self.split_host.ticket() if session else None
+        return request_record(TurnRequest(job.round, job.client, self.token, data, directives, ticket))
+
+    # -- a securely aggregated round ----------------------------------------------------------------
+    def run_clients_securely(self, paradigm, jobs: list[ClientJob], template: dict) -> tuple[RoundReplies, dict]:
+        """The round through Flower's SecAgg+ (:mod:`fedtune.runtime.flower_secagg`): all its clients at once,
+        retried whole (``runtime.max_retries``) when the protocol halts or fewer than ``federation.min_clients``
+        masked adapters arrive; a retry is a fresh round of the protocol, never a sum of fewer clients."""
+        from fedtune.runtime.flower_secagg import MAX_WEIGHT, secure_round, unflatten
+
+        if self.flower_context is None:
+            raise FedtuneError("deploy.secure_aggregation needs the ServerApp's Flower context "
+                               "(`fedtune deploy init` writes an app that passes it)")
+        cfg, round, deploy = self.ctx.cfg, jobs[0].round, self.ctx.cfg.deploy
+        need = max(2, min(cfg.federation.min_clients, len(jobs)))
+        max_weight = float(max(len(part) for part in self.ctx.partitions))
+        private, sent = set(paradigm.private_state), set()
+        why = ""
+        for attempt in range(cfg.runtime.max_retries + 1):
+            if attempt:
+                self.retries += 1
+                self.ctx.progress.log(f"[yellow]round {round}: secure aggregation retried ({why})")
+            self._discover(wait_for=cfg.federation.num_clients, deadline=time.monotonic() + (5.0 if attempt else 0))
+            online, lost, fit_config = set(self.grid.get_node_ids()), {}, {}
+            for job in jobs:
+                node = self.nodes.get(job.client)
+                if node is None or node not in online:
+                    lost[job.client] = f"no SuperNode serving partition-id {job.client} is connected"
+                else:
+                    fit_config[node] = {**self._request(job, private, sent), MAX_WEIGHT: max_weight}
+            start = time.monotonic()
+            outcome = secure_round(self._send, self.flower_context, fit_config, round,
+                                   threshold=deploy.secagg_threshold, clipping=deploy.secagg_clipping_range,
+                                   quantization=deploy.secagg_quantization_range, max_weight=max_weight,
+                                   timeout=cfg.runtime.client_timeout_s)
+            self.round_trips.append(time.monotonic() - start)
+            by_node = {node: cid for cid, node in self.nodes.items()}
+            out = RoundReplies()
+            for node, record in sorted(outcome.replies.items(), key=lambda item: by_node[item[0]]):
+                cid = by_node[node]
+                turn = read_reply(record)
+                upload = decode(turn.upload)  # its meta only: the tensors are in the masked sum
+                self.ctx.ledger.record(round, cid, UP, f"masked_{upload.kind}", outcome.masked_bytes[node],
+                                       turn.stats["plain_upload_bytes"])
+                job = next(j for j in jobs if j.client == cid)
+                out.replies[cid] = ClientReply(cid, upload, {**job.state, **turn.state}, turn.stats)
+            lost.update({j.client: "its masked adapter is not in the secure sum (dropped or failed)"
+                         for j in jobs if j.client not in out.replies and j.client not in lost})
+            self.lost_turns += len(lost)
+            if outcome.mean is not None and len(out.replies) >= need:
+                self.secure_rounds += 1
+                out.lost = lost
+                for cid, reason in sorted(lost.items()):
+                    self.ctx.progress.log(f"[yellow]round {round}: client {cid} lost: {reason}")
+                return out, unflatten(outcome.mean, template)
+            why = ("SecAgg+ halted (too few clients survived the key exchange)" if outcome.mean is None else
+                   f"only {len(out.replies)} masked adapters arrived, fewer than {need}")
+        detail = "; ".join(f"client {c}: {r}" for c, r in sorted(lost.items()))
+        raise ClientQuorumError(f"round {round}: secure aggregation failed after {cfg.runtime.max_retries} retries: "
+                                f"{why} ({detail})", round)
 
     # -- a deployed split session ----------------------------------------------------------------
     def split_turn(self, trainer, job: ClientJob, body: dict, drive):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -173,6 +173,33 @@ class PruneMask:
     def is_full(self) -> bool:
         """Whether nothing is pruned (rate 0, or too few units to drop any)."""
         return not self.modules
+
+    def to_json(self) -> dict:
+        """The mask as plain JSON values (index lists, compensation biases as exact float32 values): what a deployed
+        server sends a pruned client with its turn, so the client builds the model the server planned."""
+        return {"rate": self.rate, "method": self.method, "targets": self.targets,
+                "blocks": [_fields_json(b) for b in self.blocks],
+                "modules": {name: _fields_json(m) for name, m in self.modules.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PruneMask":
+        """Inverse of :meth:`to_json` (the same tensors, dtypes included)."""
+        return cls(float(data["rate"]), data["method"], data["targets"],
+                   [_fields_from_json(BlockMask, b) for b in data["blocks"]],
+                   {name: _fields_from_json(ModuleMask, m) for name, m in data["modules"].items()})
+
+
+def _fields_json(item) -> dict:
+    """A mask dataclass's fields as JSON: tensors as ``{"dtype", "values"}``."""
+    def value(v):
+        return {"dtype": str(v.dtype).removeprefix("torch."), "values": v.tolist()} if isinstance(v, torch.Tensor) else v
+    return {f.name: value(getattr(item, f.name)) for f in fields(item)}
+
+
+def _fields_from_json(cls, data: dict):
+    def value(v):
+        return torch.tensor(v["values"], dtype=getattr(torch, v["dtype"])) if isinstance(v, dict) else v
+    return cls(**{name: value(v) for name, v in data.items()})
 
 
 def kept_count(n: int, rate: float) -> int:

@@ -187,6 +187,11 @@ class Pruner:
                                              compensate=self.compensate and rate > 0)
         return self._masks[rate]
 
+    def adopt(self, mask: PruneMask) -> None:
+        """Use ``mask`` for its rate instead of computing one: a deployed client gets it from the server, whose
+        calibration samples it does not hold."""
+        self._masks[float(mask.rate)] = mask
+
     def build(self, rate: float) -> "PeftModel":
         """A fresh pruned copy with LoRA attached like the run's model (shares the base's unpruned tensors)."""
         mask = self.mask(rate)
