@@ -174,17 +174,23 @@ def test_fedllm_and_split_deployed_equal_simulated_even_after_the_serverapp_is_k
         assert stream["up"] > 0 and stream["down"] > 0  # the stream's frames: payloads and headers
 
 
-def test_kd_deployed_equals_simulated(lab, tiny_config):
-    cfg = tiny_config("paradigm=kd", "kd.server_model=true", "kd.public_samples=16", "federation.rounds=2",
-                      "name=kd-deployed")
-    sim, app = _prepare(lab, cfg, "kd")
-    lab.run_app(app, timeout=600)
+def test_kd_deployed_equals_simulated_with_and_without_a_server_model(lab, tiny_config):
+    """Two KD runs at once (the same public set and partitions): the server's own adapter evaluated, and the
+    largest client's, which that client then sends with each reply (besides the ledger, as in simulation)."""
+    kd = ("paradigm=kd", "kd.public_samples=16", "federation.rounds=2")
+    sim, app = _prepare(lab, tiny_config(*kd, "kd.server_model=true", "name=kd-deployed"), "kd")
+    client_sim, client_app = _prepare(lab, tiny_config(*kd, "name=kd-client-deployed"), "kd-client",
+                                      with_data=False)
+    try:
+        lab.start_run(client_app, name="kd-client-run")
+        lab.run_app(app, timeout=600)
+        assert lab.processes["kd-client-run"].wait(timeout=600) == 0, lab.log("kd-client-run")[-3000:]
+    finally:
+        lab.kill("kd-client-run")
     _check_twin(app.parent / "deployed", sim)
+    summary = _check_twin(client_app.parent / "deployed", client_sim)
+    assert summary["runtime"]["carried_bytes"]["up"] > summary["comm"]["uplink_bytes"] + _adapter_bytes(client_sim)
 
 
-def test_kd_without_server_model_is_refused_before_deploying(tmp_path, tiny_config):
-    from fedtune.core.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="kd.server_model = true"):
-        write_app(tiny_config("paradigm=kd"), tmp_path / "app", tmp_path / "run")
-    assert not (tmp_path / "app").exists()
+def _adapter_bytes(run_dir: Path) -> int:
+    return (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size

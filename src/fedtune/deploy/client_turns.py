@@ -29,8 +29,16 @@ from fedtune.core.errors import ConfigError
 from fedtune.deploy.client_state import ClientStateStore
 from fedtune.deploy.split_client import run_session
 from fedtune.engine.client_copy import build_client_copy
-from fedtune.runtime.base import ClientJob
-from fedtune.runtime.flower_records import HELLO, RECORD, TurnReply, TurnRequest, read_request, reply_record
+from fedtune.runtime.base import DISCLOSE, ClientJob
+from fedtune.runtime.flower_records import (
+    HELLO,
+    RECORD,
+    TurnReply,
+    TurnRequest,
+    pack_state,
+    read_request,
+    reply_record,
+)
 from fedtune.runtime.flower_secagg import SECAGG_CONFIGS
 from fedtune.split.session import open_client_side
 
@@ -93,7 +101,8 @@ def client_turn(cfg: RunConfig, node: NodeSettings, request: TurnRequest) -> Tur
     reply = paradigm.run_client(job)
     store.save(request.round, {k: v for k, v in reply.state.items() if k in private})
     shared = {k: v for k, v in reply.state.items() if k not in private}
-    return TurnReply(encode(reply.upload), shared, reply.stats)
+    shown = {k: reply.state[k] for k in job.state.get(DISCLOSE, ()) if k in reply.state}
+    return TurnReply(encode(reply.upload), shared, reply.stats, pack_state(shown) if shown else None)
 
 
 def _split_turn(ctx, trainer, job: ClientJob, ticket: dict, store: ClientStateStore, token: str) -> TurnReply:

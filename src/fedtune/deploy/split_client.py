@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from fedtune.comm.messages import Message, decode, encode, wire_bytes
-from fedtune.runtime.flower_split import rng_from_text, rng_to_text
+from fedtune.runtime.flower_split import rng_to_bytes, split_rng
 from fedtune.runtime.split_stream import SplitStreamClient
 from fedtune.split.driver import drive_session
 from fedtune.split.protocol import StepInfo, failed
@@ -64,19 +64,25 @@ class RemoteServer:
 
     def __init__(self, stream: SplitStreamClient, client: StreamedClient, device) -> None:
         self.stream, self.client, self.device = stream, client, device
-        #: Per exchange: [seconds from sending to the reply decoded, of which the server computed, bytes up,
-        #: bytes down] (bench/deploy_bench.py compares them with a bare gRPC round trip of the same bytes).
+        #: Per exchange: [seconds from encoding the message to the reply decoded, of which on the stream (the
+        #: frame handed to gRPC until the reply frame unpacked), of which the server handled the frame, message
+        #: bytes up, bytes down] (bench/deploy_bench.py compares the stream's share less the server's with a bare
+        #: gRPC round trip of the same message bytes).
         self.exchanges: list[list[float]] = []
 
     def _call(self, op: str, message: Message, **header) -> tuple[dict, Message]:
         start = time.perf_counter()
-        header = {"op": op, "baseline": self.client.baseline, "rng": rng_to_text(rng_state(self.device)), **header}
+        state, sizes = rng_to_bytes(rng_state(self.device))
         data = wire_bytes(message)
-        reply, payload = self.stream.call(header, data)
-        if "rng" in reply:
-            set_rng_state(rng_from_text(reply["rng"]), self.device)
+        sent = time.perf_counter()
+        reply, payload = self.stream.call({"op": op, "baseline": self.client.baseline, "rng": sizes, **header},
+                                          state + data)
+        received = time.perf_counter()
+        state, payload = split_rng(reply, payload)
+        set_rng_state(state, self.device)
         down = decode(payload)
-        self.exchanges.append([time.perf_counter() - start, reply["server_s"], len(data), len(payload)])
+        self.exchanges.append([time.perf_counter() - start, received - sent, reply["server_s"], len(data),
+                               len(payload)])
         return reply, down
 
     def step(self, up: Message, info: StepInfo) -> tuple[Message, float]:

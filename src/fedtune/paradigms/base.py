@@ -54,20 +54,12 @@ class Paradigm:
             for message, is_set in owner.exclusive_settings.items():
                 if is_set(cfg):
                     raise ValueError(f"{message}; paradigm is {cfg.paradigm!r}")
-        backend = BACKENDS.get(cfg.runtime.backend)
-        backend.check_capabilities(cls.capabilities, cfg.paradigm)
-        if backend.remote_clients:
-            cls.check_remote(cfg)
+        BACKENDS.get(cfg.runtime.backend).check_capabilities(cls.capabilities, cfg.paradigm)
 
     def client_private_state(self, cid: int) -> dict:
         """Client ``cid``'s private turn state as this copy of the run holds it (a deployed client's first turn
         starts from its copy's: the initial state)."""
         return {k: v for k, v in self.client_job(0, cid).state.items() if k in self.private_state}
-
-    @classmethod
-    def check_remote(cls, cfg) -> None:
-        """Raise ValueError for settings that need what a deployment's server does not have (clients' data or
-        private state); called when ``runtime.backend`` runs clients on their own machines."""
 
     @classmethod
     def lora_rank_pattern(cls, cfg, base_model) -> dict[str, int] | None:

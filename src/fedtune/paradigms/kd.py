@@ -22,7 +22,7 @@ for weak devices): logits align because every model must share the main model's 
 
 There is no parameter averaging, so there is no single global model. The evaluated (and saved) model is the
 server's adapter with ``kd.server_model``, else the adapter of the client with the most training samples (lowest
-id on ties). Every round each client's own eval loss goes to the round record (``client_eval_loss``), and their
+id on ties; deployed, that client sends its adapter to the server with each reply: ``DISCLOSE``). Every round each client's own eval loss goes to the round record (``client_eval_loss``), and their
 mean to the summary (``kd.mean_client_eval_loss``).
 """
 
@@ -44,7 +44,7 @@ from fedtune.models.flops import forward_flops, train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.paradigms.client_eval import ClientEvaluations, largest_client
-from fedtune.runtime.base import Capabilities, ClientJob, ClientReply
+from fedtune.runtime.base import DISCLOSE, Capabilities, ClientJob, ClientReply
 from fedtune.training.steps import all_finite, guarded_step, make_optimizer, train_steps, update_norm_failure
 from fedtune.training.streams import SampleStream
 
@@ -82,12 +82,6 @@ class KDFed(Paradigm):
                               "training samples")
         rng = numpy_rng(cfg.seed, "kd-public")
         return sorted(int(i) for i in rng.choice(num_train, size=kd.public_samples, replace=False))
-
-    @classmethod
-    def check_remote(cls, cfg) -> None:
-        if not cfg.kd.server_model:
-            raise ValueError("deployed, the clients' adapters stay on their machines, so the evaluated model must be "
-                             "the server's own: set kd.server_model = true")
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -206,6 +200,8 @@ class KDFed(Paradigm):
             down = Message("soft_labels", self.soft.tensors(), {"round": round - 1})
         state = {"adapter": self.client_states[cid], "stream": self.streams[cid].state_dict(),
                  "public_stream": self.public_streams[cid].state_dict()}
+        if self.server_state is None and cid == self.largest:  # its adapter is the evaluated model
+            state[DISCLOSE] = ["adapter"]
         return ClientJob(round, cid, down, state)
 
     def run_client(self, job: ClientJob) -> ClientReply:

@@ -45,6 +45,12 @@ class Capabilities:
 CopyBuilder = Callable[[object, object], tuple[object, object]]
 
 
+#: ``ClientJob.state`` key: the private-state keys the client reports back with its reply, because the server
+#: evaluates them (a simulated server reads them directly; a deployed client sends them with its reply, in the
+#: Flower message's measured bytes and, as in simulation, outside the ledger).
+DISCLOSE = "disclose"
+
+
 @dataclass
 class ClientJob:
     """One client's turn in a round, as the server hands it out."""
@@ -118,9 +124,6 @@ class Backend:
     """Runs client turns. The in-process backend runs them one after another in this process."""
 
     name = "base"
-    #: Clients run on their own machines (a deployment): their private state and data never reach the server, so
-    #: a paradigm checks its config can run that way (``Paradigm.check_remote``).
-    remote_clients = False
 
     @classmethod
     def check_capabilities(cls, capabilities: Capabilities, paradigm: str) -> None:

@@ -38,7 +38,7 @@ from fedtune.runtime.base import (
     RoundReplies,
     with_quorum,
 )
-from fedtune.runtime.flower_records import HELLO, RECORD, TurnRequest, read_reply, request_record
+from fedtune.runtime.flower_records import HELLO, RECORD, TurnRequest, read_reply, request_record, unpack_state
 from fedtune.runtime.flower_split import ServerSession, SplitHost, SplitSettings
 from fedtune.split.driver import SessionSteps
 from fedtune.split.protocol import SESSION_PRIVATE_STATE, ClientResult, ServerResult, SideReport
@@ -60,11 +60,11 @@ def _median(values: list[float]) -> float | None:
 
 def _exchange_summary(exchanges: list[list[float]]) -> dict:
     """Medians of the split stream's exchanges, as the clients timed them."""
-    columns = list(zip(*exchanges)) if exchanges else [[], [], [], []]
+    columns = list(zip(*exchanges)) if exchanges else [[], [], [], [], []]
     return {"count": len(exchanges), "seconds_median": _median(list(columns[0])),
-            "server_seconds_median": _median(list(columns[1])),
-            "transfer_seconds_median": _median([e[0] - e[1] for e in exchanges]),
-            "up_bytes_median": _median(list(columns[2])), "down_bytes_median": _median(list(columns[3]))}
+            "stream_seconds_median": _median(list(columns[1])), "server_seconds_median": _median(list(columns[2])),
+            "transfer_seconds_median": _median([e[1] - e[2] for e in exchanges]),
+            "up_bytes_median": _median(list(columns[3])), "down_bytes_median": _median(list(columns[4]))}
 
 
 def run_token(run_dir) -> str:
@@ -82,7 +82,6 @@ def run_token(run_dir) -> str:
 @BACKENDS.register("flower")
 class FlowerBackend(Backend):
     name = "flower"
-    remote_clients = True
 
     @classmethod
     def check_capabilities(cls, capabilities: Capabilities, paradigm: str) -> None:
@@ -111,7 +110,7 @@ class FlowerBackend(Backend):
         self.secure_rounds = 0
         self.retries = 0
         self.round_trips: list[float] = []  # seconds from sending a round's (or session's) messages to the replies
-        self.exchanges: list[list[float]] = []  # split: per step exchange [seconds, server seconds, up, down bytes]
+        self.exchanges: list[list[float]] = []  # split: per step exchange (split_client.RemoteServer)
         self.hello_seconds: float | None = None  # one discovery query's round trip: Flower's fixed cost
         self._discover(wait_for=ctx.cfg.federation.num_clients, deadline=time.monotonic() + HELLO_TIMEOUT_S)
 
@@ -324,4 +323,5 @@ class FlowerBackend(Backend):
 
     def _reply(self, job: ClientJob, turn) -> ClientReply:
         upload = self.ctx.transport.receive(turn.upload, round=job.round, client=job.client, direction=UP)
-        return ClientReply(job.client, upload, {**job.state, **turn.state}, turn.stats)
+        shown = unpack_state(turn.disclosed) if turn.disclosed is not None else {}
+        return ClientReply(job.client, upload, {**job.state, **turn.state, **shown}, turn.stats)

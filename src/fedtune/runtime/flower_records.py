@@ -3,13 +3,16 @@
 The turn request carries the round, the client, the run's token (it names the client's state directory for this
 run), the download as fedtune's wire bytes (exactly what the ledger records) and the server's instructions for the
 turn (the turn state less the paradigm's ``private_state``), as JSON. The reply carries the upload's wire bytes, the
-client's non-private state and its statistics, as JSON. No pickles cross the network.
+client's non-private state and its statistics, as JSON, and any private state the server evaluates
+(``Paradigm.disclosed_state``) as a wire message. No pickles cross the network.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+from fedtune.comm.messages import Message, decode, encode
 
 RECORD = "fedtune"
 HELLO = "fedtune.hello"  # a query message: which client (node config partition-id) a SuperNode serves
@@ -30,6 +33,22 @@ class TurnReply:
     upload: bytes
     state: dict
     stats: dict
+    disclosed: bytes | None = None  # private state the server evaluates (:func:`pack_state`)
+
+
+def pack_state(state: dict[str, dict]) -> bytes:
+    """Turn-state entries that are tensor dicts (an adapter), as one fedtune wire message."""
+    tensors = {f"{key}/{name}": t for key, value in state.items() for name, t in value.items()}
+    return encode(Message("disclosed_state", tensors, {"keys": sorted(state)}))
+
+
+def unpack_state(data: bytes) -> dict[str, dict]:
+    message = decode(data)
+    state: dict[str, dict] = {key: {} for key in message.meta["keys"]}
+    for full, tensor in message.tensors.items():
+        key, name = full.split("/", 1)
+        state[key][name] = tensor
+    return state
 
 
 def _json(value: dict) -> str:
@@ -53,8 +72,12 @@ def read_request(record) -> TurnRequest:
 
 
 def reply_record(reply: TurnReply) -> dict:
-    return {"upload": reply.upload, "state": _json(reply.state), "stats": _json(reply.stats)}
+    record = {"upload": reply.upload, "state": _json(reply.state), "stats": _json(reply.stats)}
+    if reply.disclosed is not None:
+        record["disclosed"] = reply.disclosed
+    return record
 
 
 def read_reply(record) -> TurnReply:
-    return TurnReply(record["upload"], json.loads(record["state"]), json.loads(record["stats"]))
+    return TurnReply(record["upload"], json.loads(record["state"]), json.loads(record["stats"]),
+                     record.get("disclosed"))

@@ -5,13 +5,12 @@ over the split stream (:mod:`fedtune.runtime.split_stream`) and gets the gradien
 gRPC exchange would. Here each frame is handed to the session's :class:`~fedtune.split.session.ServerSide`, which
 runs on the run's own model and channels (as in process), and every message is recorded by the run's transport:
 the client's as they arrive, the server's as they leave, so the ledger equals the simulation's. The random
-generator's state travels with the frames (``rng``), so dropout draws are the simulation's too.
+generator's state travels with the frames (its raw bytes lead the payload; ``rng`` in the header holds their
+lengths), so dropout draws are the simulation's too.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import secrets
 import threading
 import time
@@ -26,14 +25,32 @@ from fedtune.runtime.split_stream import SplitStreamServer
 from fedtune.split.session import open_server_side, rng_state, set_rng_state
 
 
-def rng_to_text(state: dict) -> str:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return base64.b64encode(buffer.getvalue()).decode()
+#: The generators a side hands on, in the order their raw states lead a frame's payload.
+_GENERATORS = ("cpu", "cuda")
 
 
-def rng_from_text(text: str) -> dict:
-    return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
+def rng_to_bytes(state: dict) -> tuple[bytes, list[int]]:
+    """A generator state (:func:`~fedtune.split.session.rng_state`) as raw bytes and each generator's length: it
+    leads the frame's payload (``header["rng"]`` holds the lengths), so a step's frame carries no encoded copy."""
+    parts = [state[name].cpu().numpy().tobytes() for name in _GENERATORS if name in state]
+    return b"".join(parts), [len(part) for part in parts]
+
+
+def rng_from_bytes(data: bytes, sizes: list[int]) -> dict:
+    state, at = {}, 0
+    for name, size in zip(_GENERATORS, sizes):
+        state[name] = torch.frombuffer(bytearray(data[at : at + size]), dtype=torch.uint8)
+        at += size
+    return state
+
+
+def split_rng(header: dict, payload: bytes) -> tuple[dict | None, bytes]:
+    """A frame's payload as (the generator state it leads with, or None; the message's bytes)."""
+    sizes = header.get("rng")
+    if sizes is None:
+        return None, payload
+    size = sum(sizes)
+    return rng_from_bytes(payload[:size], sizes), payload[size:]
 
 
 @dataclass(frozen=True)
@@ -59,9 +76,13 @@ class ServerSession:
         return self.transport.receive(payload, round=self.round, client=self.cid, direction=UP,
                                       baseline_bytes=header.get("baseline"))
 
-    def _down(self, message, baseline, **header) -> tuple[dict, bytes]:
+    def _down(self, message, baseline, rng: bool = False, **header) -> tuple[dict, bytes]:
+        """The reply frame; ``rng``: led by the generator state, which the client continues from."""
         data = self.transport.send(message, round=self.round, client=self.cid, direction=DOWN, baseline=baseline)
-        return header, data
+        if not rng:
+            return header, data
+        state, sizes = rng_to_bytes(rng_state(self.device))
+        return {**header, "rng": sizes}, state + data
 
     def handle(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         """One frame of the session; the reply's header says how long the server computed (``server_s``)."""
@@ -71,14 +92,14 @@ class ServerSession:
 
     def _handle(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         op = header["op"]
-        if "rng" in header:
-            set_rng_state(rng_from_text(header["rng"]), self.device)
+        state, payload = split_rng(header, payload)
+        set_rng_state(state, self.device)
         if op == "step":
             message, baseline, loss = self.side.step(self._up(payload, header), header["rows"], header["epoch"])
-            return self._down(message, baseline, loss=loss, rng=rng_to_text(rng_state(self.device)))
+            return self._down(message, baseline, rng=True, loss=loss)
         if op == "forward":
             message, baseline = self.side.forward(self._up(payload, header), header["rows"], header["epoch"])
-            return self._down(message, baseline, rng=rng_to_text(rng_state(self.device)))
+            return self._down(message, baseline, rng=True)
         if op == "backward":
             return self._down(*self.side.backward(self._up(payload, header)))
         if op == "failure":  # the client's step failure notice (recorded as it crossed), then the session stops
