@@ -76,6 +76,23 @@ def test_secure_aggregation_refuses_what_a_secure_sum_cannot_do(overrides, expec
     load_config(TINY, ["deploy.secure_aggregation=true", "runtime.backend='flower'"])  # what it needs
 
 
+def test_deploy_init_writes_a_secure_app_and_refuses_what_cannot_deploy(tmp_path, capsys):
+    """`fedtune deploy init` checks the config as it will run (on Flower), before writing anything."""
+    import tomllib
+
+    app = tmp_path / "app"
+    assert main(["deploy", "init", str(TINY), "--set", "deploy.secure_aggregation=true", "--out", str(app)]) == 0
+    written = tomllib.loads((app / "fedtune_app" / "fedtune.toml").read_text())
+    assert written["deploy"]["secure_aggregation"] is True and written["runtime"]["backend"] == "flower"
+    assert (app / "pyproject.toml").is_file()
+    refused = tmp_path / "refused"
+    assert main(["deploy", "init", str(TINY), "--set", "deploy.secure_aggregation=true", "--set",
+                 "pruning.rates=[0.5]", "--out", str(refused)]) == 2
+    assert "pruned adapters" in capsys.readouterr().err and not refused.exists()
+    assert main(["deploy", "init", str(TINY), "--set", "paradigm=split", "--out", str(refused)]) == 2
+    assert "--certificates" in capsys.readouterr().err and not refused.exists()
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         load_config(TINY, ["federation.rounds"])

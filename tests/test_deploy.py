@@ -127,11 +127,11 @@ def _check_secure(deployed: Path, simulated: Path) -> None:
 
 
 def test_fedllm_and_split_deployed_equal_simulated_even_after_the_serverapp_is_killed(lab, tiny_config):
-    """Four deployed runs at once on the same SuperNodes (they share the clients' data): FedLLM with pruned
-    clients, whose ServerApp is killed after its first checkpoint and resumed, FedLLM with SecAgg+, split standard
+    """Four deployed runs at once on the same SuperNodes (they share the clients' data): FedLLM with the JCPBA
+    planner's pruning rates, whose ServerApp is killed after its first checkpoint and resumed, FedLLM with SecAgg+, split standard
     and U-shape with SplitCom. Each equals its simulated twin (SecAgg+: to its quantisation)."""
-    fed_sim, fed_app = _prepare(lab, tiny_config("federation.rounds=3", "pruning.rates=[0.0, 0.5, 0.25]",
-                                                 "name=fedllm-deployed"), "fedllm")
+    planned = ("network.planner=jcpba", "devices.profiles=['phone', 'jetson', 'laptop']")  # rates per round
+    fed_sim, fed_app = _prepare(lab, tiny_config("federation.rounds=3", *planned, "name=fedllm-deployed"), "fedllm")
     splits = {name: _prepare(lab, tiny_config("paradigm=split", *variant, "federation.rounds=2", f"name={name}"),
                              name, with_data=False) for name, variant in SPLIT_VARIANTS.items()}
     secure_sim, secure_app = _prepare_secure(lab, tiny_config)
@@ -156,6 +156,7 @@ def test_fedllm_and_split_deployed_equal_simulated_even_after_the_serverapp_is_k
             lab.kill(f"{name}-run")
     _check_secure(secure_app.parent / "deployed", secure_sim)
     summary = _check_twin(fed_dir, fed_sim)
+    assert any(rate > 0 for row in _rows(fed_dir) for rate in row.get("pruning_rates") or [])
     runtime = summary["runtime"]
     assert runtime["backend"] == "flower" and sorted(runtime["nodes"]) == ["0", "1", "2"]
     # what Flower really carried (the resumed ServerApp counts its own rounds, the last one at least): the payloads
@@ -176,17 +177,29 @@ def test_fedllm_and_split_deployed_equal_simulated_even_after_the_serverapp_is_k
 
 def test_kd_deployed_equals_simulated_with_and_without_a_server_model(lab, tiny_config):
     """Two KD runs at once (the same public set and partitions): the server's own adapter evaluated, and the
-    largest client's, which that client then sends with each reply (besides the ledger, as in simulation)."""
+    largest client's, which that client then sends with each reply (besides the ledger, as in simulation). And a
+    secure FedLLM run whose clients refuse to have their adapters clipped: the run stops, saying why."""
     kd = ("paradigm=kd", "kd.public_samples=16", "federation.rounds=2")
     sim, app = _prepare(lab, tiny_config(*kd, "kd.server_model=true", "name=kd-deployed"), "kd")
     client_sim, client_app = _prepare(lab, tiny_config(*kd, "name=kd-client-deployed"), "kd-client",
                                       with_data=False)
+    # beside them, a secure FedLLM run whose adapters exceed SecAgg+'s clipping range: refused, never clipped
+    clipped = write_app(tiny_config("federation.rounds=1", "runtime.max_retries=0", "name=secure-clipped",
+                                    "deploy.secure_aggregation=true", "deploy.secagg_clipping_range=1e-9",
+                                    "runtime.backend='flower'"),
+                        lab.root / "clipped" / "app", lab.root / "clipped" / "deployed")
     try:
         lab.start_run(client_app, name="kd-client-run")
+        lab.start_run(clipped, name="clipped-run")
         lab.run_app(app, timeout=600)
         assert lab.processes["kd-client-run"].wait(timeout=600) == 0, lab.log("kd-client-run")[-3000:]
+        lab.processes["clipped-run"].wait(timeout=600)
     finally:
         lab.kill("kd-client-run")
+        lab.kill("clipped-run")
+    log = " ".join(lab.log("clipped-run").split())  # the console wraps long lines
+    assert "secure aggregation failed" in log and "exceeds deploy.secagg_clipping_range" in log, log[-3000:]
+    assert not (lab.root / "clipped" / "deployed" / "adapter").exists()
     _check_twin(app.parent / "deployed", sim)
     summary = _check_twin(client_app.parent / "deployed", client_sim)
     assert summary["runtime"]["carried_bytes"]["up"] > summary["comm"]["uplink_bytes"] + _adapter_bytes(client_sim)

@@ -78,7 +78,7 @@ def _deploy_init(args: argparse.Namespace, console: Console) -> None:
     from fedtune.config import load_config
     from fedtune.deploy.app_files import write_app
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, "runtime.backend=flower"])  # checked as it will run: deployed
     run_dir = Path(args.run_dir or Path(args.out) / "run")
     out = write_app(cfg, Path(args.out), run_dir, Path(args.certificates) if args.certificates else None,
                     args.split_host)

@@ -281,7 +281,9 @@ class FlowerBackend(Backend):
                                        turn.stats["plain_upload_bytes"])
                 job = next(j for j in jobs if j.client == cid)
                 out.replies[cid] = ClientReply(cid, upload, {**job.state, **turn.state}, turn.stats)
-            lost.update({j.client: "its masked adapter is not in the secure sum (dropped or failed)"
+            errors = {by_node[node]: reason for node, reason in outcome.errors.items()}
+            lost.update({j.client: f"the client's ClientApp failed: {errors[j.client]}" if j.client in errors else
+                         "its masked adapter is not in the secure sum (no reply in time)"
                          for j in jobs if j.client not in out.replies and j.client not in lost})
             self.lost_turns += len(lost)
             if outcome.mean is not None and len(out.replies) >= need:

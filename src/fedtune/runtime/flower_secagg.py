@@ -34,11 +34,13 @@ MAX_WEIGHT = "secagg-max-weight"
 @dataclass
 class SecureOutcome:
     """One securely aggregated round: the weighted mean (float64 arrays in sorted-key order; None: halted), our
-    reply record of every client whose masked vector is in it, and that vector's bytes, by Flower node id."""
+    reply record of every client whose masked vector is in it, that vector's bytes, and the failed stages'
+    reasons, by Flower node id."""
 
     mean: list[np.ndarray] | None = None
     replies: dict[int, dict] = field(default_factory=dict)
     masked_bytes: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # why a node's ClientApp failed a stage
 
 
 def _round_plan(fit_config: dict[int, dict], outcome: SecureOutcome):
@@ -92,6 +94,7 @@ class _Relay:
         replies = self.send(list(messages), timeout)
         for reply in replies:
             if reply.has_error():
+                self.outcome.errors.setdefault(reply.metadata.src_node_id, reply.error.reason)
                 continue
             records = reply.content.config_records
             vector = records.get(SECAGG_CONFIGS, {}).get(MASKED_VECTOR)
