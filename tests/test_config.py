@@ -91,6 +91,9 @@ def test_deploy_init_writes_a_secure_app_and_refuses_what_cannot_deploy(tmp_path
     assert "pruned adapters" in capsys.readouterr().err and not refused.exists()
     assert main(["deploy", "init", str(TINY), "--set", "paradigm=split", "--out", str(refused)]) == 2
     assert "--certificates" in capsys.readouterr().err and not refused.exists()
+    assert main(["deploy", "init", str(TINY), "--set", "paradigm=split", "--set", "split.adaptive=true",
+                 "--out", str(refused)]) == 2
+    assert "split.adaptive" in capsys.readouterr().err and not refused.exists()
 
 
 def test_malformed_override_and_missing_file(tmp_path):

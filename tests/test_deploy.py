@@ -77,7 +77,7 @@ def _check_twin(deployed: Path, simulated: Path) -> dict:
 
 
 SPLIT_VARIANTS = {
-    "split-standard": ("split.cut=1",),
+    "split-standard": ("split.cuts=[1, 2, 1]",),  # a cut per client
     "split-ushape-splitcom": ("split.ushape=true", "split.cut=2", "compression.method='splitcom'",
                               "compression.theta=0.5"),
 }

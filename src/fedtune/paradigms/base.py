@@ -54,7 +54,15 @@ class Paradigm:
             for message, is_set in owner.exclusive_settings.items():
                 if is_set(cfg):
                     raise ValueError(f"{message}; paradigm is {cfg.paradigm!r}")
-        BACKENDS.get(cfg.runtime.backend).check_capabilities(cls.capabilities, cfg.paradigm)
+        backend = BACKENDS.get(cfg.runtime.backend)
+        backend.check_capabilities(cls.capabilities, cfg.paradigm)
+        if backend.remote_clients:
+            cls.check_remote(cfg)
+
+    @classmethod
+    def check_remote(cls, cfg) -> None:
+        """Raise ValueError for settings that need what a deployment's server does not have (the clients' data);
+        called when ``runtime.backend`` runs clients on their own machines."""
 
     def client_private_state(self, cid: int) -> dict:
         """Client ``cid``'s private turn state as this copy of the run holds it (a deployed client's first turn

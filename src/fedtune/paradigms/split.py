@@ -76,6 +76,13 @@ class SplitFed(Paradigm):
     own_sections = ("split", "compression")
 
     @classmethod
+    def check_remote(cls, cfg) -> None:
+        if cfg.split.adaptive:
+            raise ValueError("split.adaptive scores every client on validation rows held out of its data, which a "
+                             "deployed server does not hold: not deployable yet; give per-client cuts with "
+                             "split.cuts instead")
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
         s, n = cfg.split, cfg.federation.num_clients

@@ -124,6 +124,9 @@ class Backend:
     """Runs client turns. The in-process backend runs them one after another in this process."""
 
     name = "base"
+    #: Clients run on their own machines (a deployment): their data never reaches the server, so a paradigm
+    #: checks its config can run that way (``Paradigm.check_remote``).
+    remote_clients = False
 
     @classmethod
     def check_capabilities(cls, capabilities: Capabilities, paradigm: str) -> None:

@@ -82,6 +82,7 @@ def run_token(run_dir) -> str:
 @BACKENDS.register("flower")
 class FlowerBackend(Backend):
     name = "flower"
+    remote_clients = True
 
     @classmethod
     def check_capabilities(cls, capabilities: Capabilities, paradigm: str) -> None:

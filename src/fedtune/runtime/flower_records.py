@@ -4,7 +4,7 @@ The turn request carries the round, the client, the run's token (it names the cl
 run), the download as fedtune's wire bytes (exactly what the ledger records) and the server's instructions for the
 turn (the turn state less the paradigm's ``private_state``), as JSON. The reply carries the upload's wire bytes, the
 client's non-private state and its statistics, as JSON, and any private state the server evaluates
-(``Paradigm.disclosed_state``) as a wire message. No pickles cross the network.
+(``ClientJob.state[DISCLOSE]``) as a wire message. No pickles cross the network.
 """
 
 from __future__ import annotations
