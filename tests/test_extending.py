@@ -43,8 +43,8 @@ def test_the_new_choices_are_config_choices(tiny_config, capsys):
     cfg = tiny_config(*SPLIT, "compression.codec=bf16", "compression.controller=linear",
                       "compression.method=splitcom", "compression.theta_end=0.5")
     assert cfg.compression.controller_settings() == LinearSettings(theta_end=0.5)
-    with pytest.raises(ConfigError, match=r"unknown codec 'int4'; valid choices: bf16, fp16, int8, none"):
-        tiny_config(*SPLIT, "compression.codec=int4")
+    with pytest.raises(ConfigError, match=r"unknown codec 'int3'; valid choices: bf16, fp16, int2, int4, int8, none"):
+        tiny_config(*SPLIT, "compression.codec=int3")
     assert main(["config"]) == 0
     assert "compression.theta_end = 0.99\n    Linear schedule" in capsys.readouterr().out
 

@@ -64,7 +64,7 @@ def test_theta_above_one_always_sends_and_a_different_client_has_its_own_cache(t
 
 
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "int4", "int2"])
 def test_client_and_server_agree_on_what_was_last_sent(tmp_path, codec, residual):
     iface = _iface(tmp_path, codec=codec, residual=residual)
     x, mask = _batch()
@@ -130,6 +130,24 @@ def test_int8_codec_is_close_and_four_times_smaller():
     assert wire_bytes < x.numel() * 4 / 3.5
 
 
+@pytest.mark.parametrize("codec, bits", [("int4", 4), ("int2", 2)])
+@pytest.mark.parametrize("width", [64, 100, 3])  # whole groups, a padded last group, a row shorter than a group
+def test_low_bit_codecs_are_within_half_a_step_and_pack_their_bits(codec, bits, width):
+    x = torch.randn(7, width, generator=torch.Generator().manual_seed(width)) * torch.linspace(0.1, 10, 7)[:, None]
+    x[3] = 0.0  # an all-zero row
+    c = CODECS.get(codec)()
+    wire = c.encode(x)
+    back = c.decode(wire)
+    assert back.shape == x.shape and not back[3].any()
+    groups = -(-width // 64)
+    padded = torch.nn.functional.pad(x, (0, groups * 64 - width)).reshape(7, groups, 64)
+    step = padded.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)  # each group's scale
+    error = torch.nn.functional.pad(back - x, (0, groups * 64 - width)).reshape(7, groups, 64).abs().amax(dim=-1)
+    assert (error <= 0.5 * step * 1.001 + 1e-7).all()
+    assert wire["q"].dtype == torch.uint8 and wire["q"].numel() == -(-7 * groups * 64 * bits // 8)
+    assert torch.equal(c.decode(c.encode(back)), back)  # what the receiver holds re-encodes to itself
+
+
 FAST = ("paradigm=split", "split.cut=2", "federation.rounds=3", "train.local_steps=4", "eval.max_new_tokens=4",
         "data.max_train_samples=96", "partition.min_samples=4")
 
@@ -183,6 +201,15 @@ def test_ushape_compresses_all_four_interfaces(tmp_path, tiny_config):
         part = summary["compression"][name]
         assert part["reuse"] and part["bytes"] < part["uncompressed_bytes"] / 2, name
     assert summary["comm"]["exchange_total_reduction"] > 0.5
+
+
+def test_int4_sends_an_eighth_on_every_interface_and_the_model_still_learns(tmp_path, tiny_config):
+    summary = _run(tmp_path, tiny_config, "int4", "split.ushape=true", "split.cut=1", "compression.method='splitcom'",
+                   "compression.theta=1.0", "compression.codec='int4'")  # theta 1: (nearly) every sample sent, coded
+    for name in ("activations", "body_output", "tail_gradients", "gradients"):
+        part = summary["compression"][name]
+        assert part["bytes"] < part["uncompressed_bytes"] / 6, name  # 0.53 bytes a value against 4
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
 
 
 def test_resume_with_caches_and_ddpg_state(tmp_path, tiny_config, monkeypatch):

@@ -58,8 +58,9 @@ class CompressionConfig(OwnedKeysSection):
     cache_budget_mb: float | None = Field(
         None, gt=0, description="Memory budget of each receiver cache; past it entries spill to a memory-mapped file.")
     codec: Annotated[str, registered("fedtune.compression.codecs:CODECS")] = Field(
-        "none", description="Codec for what is sent: 'none' (as is), 'fp16', 'bf16', or 'int8' (per token, absmax "
-        "scale). Padding is never sent once any compression is on.")
+        "none", description="Codec for what is sent: 'none' (as is), 'fp16', 'bf16', 'int8' (per token, absmax "
+        "scale), or 'int4' / 'int2' (per group of 64 values, absmax scale, packed). Padding is never sent once any "
+        "compression is on.")
     residual: bool = Field(False, description="Send changed samples as a residual against the held copy (the sender then "
                            "also keeps full copies).")
     controller: Annotated[str, registered("fedtune.compression.controllers:CONTROLLERS")] = Field("fixed", description="Threshold controller: 'fixed', 'bangbang' (validation perplexity), "
