@@ -204,9 +204,8 @@ class FlowerBackend(Backend):
         lost, messages = {}, []
         online = set(self.grid.get_node_ids())
         for job in jobs:
-            node = self.nodes.get(job.client)
-            if node is None or node not in online:
-                lost[job.client] = f"no SuperNode serving partition-id {job.client} is connected"
+            node = self._connected_node(job.client, online, lost)
+            if node is None:
                 continue
             record = self._request(job, private, sent, session)
             messages.append(Message(RecordDict({RECORD: ConfigRecord(record)}), dst_node_id=node,
@@ -226,6 +225,14 @@ class FlowerBackend(Backend):
             else:
                 out.replies[by_node[reply.metadata.src_node_id]] = self._reply(job, read_reply(reply.content[RECORD]))
         return lost
+
+    def _connected_node(self, client: int, online: set[int], lost: dict[int, str]) -> int | None:
+        """The Flower node serving ``client`` if it is connected; else None, with why in ``lost``."""
+        node = self.nodes.get(client)
+        if node is None or node not in online:
+            lost[client] = f"no SuperNode serving partition-id {client} is connected"
+            return None
+        return node
 
     def _request(self, job: ClientJob, private: set[str], sent: set[int], session: bool = False) -> dict:
         """A turn's request record: the download (encoded and recorded, a repeat marked as retransmitted), the
@@ -261,10 +268,8 @@ class FlowerBackend(Backend):
             self._discover(wait_for=cfg.federation.num_clients, deadline=time.monotonic() + (5.0 if attempt else 0))
             online, lost, fit_config = set(self.grid.get_node_ids()), {}, {}
             for job in jobs:
-                node = self.nodes.get(job.client)
-                if node is None or node not in online:
-                    lost[job.client] = f"no SuperNode serving partition-id {job.client} is connected"
-                else:
+                node = self._connected_node(job.client, online, lost)
+                if node is not None:
                     fit_config[node] = {**self._request(job, private, sent), MAX_WEIGHT: max_weight}
             start = time.monotonic()
             outcome = secure_round(self._send, self.flower_context, fit_config, round,
