@@ -1,4 +1,4 @@
-"""SplitCom threshold controllers: fixed, bang-bang and DDPG."""
+"""SplitCom threshold controllers: fixed, bang-bang, DDPG and budget."""
 
 from __future__ import annotations
 
@@ -142,5 +142,28 @@ def test_controller_settings_are_validated_by_their_controller(tiny_config):
     with pytest.raises(ConfigError, match=r"compression.ddpg_sigma: Input should be greater than or equal to 0"):
         tiny_config("compression.ddpg_sigma=-1")
     with pytest.raises(ConfigError, match=r"unknown key 'compression.sigma'; valid keys in \[compression\]: method, "
-                                          r".*theta_low, theta_high, tolerance, theta_min"):
+                                          r".*theta_low, theta_high, tolerance, .*theta_min"):
         tiny_config("compression.sigma=0.2")
+
+
+def test_budget_controller_settles_at_the_byte_share_it_is_given():
+    """A toy interface whose byte share after the first epoch is proportional to log10 of 1 - theta's inverse:
+    the controller ends within a few per cent of the budget, from either side, and ignores an all-new session."""
+    import math
+
+    from fedtune.compression.budget import BudgetSettings
+
+    def share(theta: float) -> float:  # stricter (theta nearer 1) sends more: 0.2 % at 0.99, 2 % at 0.9999999
+        return 0.002 * 10 ** ((-math.log10(1 - theta) - 2) / 5)
+
+    for start in (0.99, 0.9999999):
+        ctrl = make_controller("budget", start, seed=0, settings=BudgetSettings(byte_budget=0.005))
+        ctrl.end_session(SessionObservation(2.0, 1.0, 1000, 1000, 0.0))  # the first epoch: everything new
+        assert ctrl.theta == start
+        for step in range(40):
+            theta = ctrl.start_session()
+            ctrl.end_session(SessionObservation(2.0, 0.1, int(share(theta) * 1e6), 1_000_000, step / 40))
+        assert share(ctrl.theta) == pytest.approx(0.005, rel=0.05)
+        resumed = make_controller("budget", start, seed=0, settings=BudgetSettings(byte_budget=0.005))
+        resumed.load_state_dict(roundtrip(ctrl.state_dict()))
+        assert resumed.theta == ctrl.theta

@@ -51,6 +51,11 @@ SPLITCOM = (*SPLIT, "data.max_train_samples=72", "compression.method=splitcom")
 USHAPE = ("split.ushape=true", "split.server_adapter=per_client")
 DDPG_INT8 = ("compression.controller=ddpg", "compression.theta_min=0.5", "compression.theta_max=0.9",
              "compression.codec=int8", "compression.residual=true")
+# configs/splitcom-ushape.toml's stages beyond reuse: the gradients sent every step with error feedback (the tail
+# gradients' state on the client, the cut gradients' on the server), zstd frames, coded LoRA downloads and uploads
+STACK = ("compression.entropy=zstd", "compression.adapter_codec=int4", "compression.adapter_download_codec=int8",
+         "compression.per_interface={tail_gradients={reuse=false,codec='topk-int4',error_feedback=true},"
+         "gradients={reuse=false,codec='int2',error_feedback=true}}")
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +321,8 @@ def test_splitcom_on_ray_equals_inprocess(ray_local, tmp_path):
 
 
 def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, tmp_path, monkeypatch):
-    """U-shape SplitCom with DDPG, int8 and residuals on all four interfaces. The server's worker dies in round 2:
+    """U-shape SplitCom with DDPG and int8 residuals on the activations and body outputs, the gradients int2 and
+    topk-int4 with error feedback, zstd frames and coded adapters. The server's worker dies in round 2:
     the run stops at a checkpoint of round 1 written then (checkpoint.every = 2), with every cache as of round 1 and
     the DDPG controllers rolled back; the resumed run loads the server's caches into a new server worker and ends
     as the uninterrupted in-process run (round 1 before the fault and round 2 after ran on Ray undisturbed)."""
@@ -326,13 +332,13 @@ def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, tmp_path
 
     monkeypatch.setattr(RayBackend, "on_dispatch", kill_server)
     out = tmp_path / "splitcom"
-    args = (*SPLITCOM, *USHAPE, *DDPG_INT8, *RAY, "checkpoint.every=2")
+    args = (*SPLITCOM, *USHAPE, *DDPG_INT8, *STACK, *RAY, "checkpoint.every=2")
     with pytest.raises(ServerLostError, match="round 2"):
         _run(out, *args)
     assert (out / "checkpoints" / "latest").read_text() == "round-000001"
     monkeypatch.setattr(RayBackend, "on_dispatch", None)
     summary = _run(out, *args, resume=True)
-    _run(tmp_path / "inprocess", *SPLITCOM, *USHAPE, *DDPG_INT8)
+    _run(tmp_path / "inprocess", *SPLITCOM, *USHAPE, *DDPG_INT8, *STACK)
     _assert_same_splitcom_run(tmp_path / "inprocess", out)
     assert all(c["upload_ratio"] < 1.0 for c in summary["compression"].values() if c["reuse"])  # samples reused
 

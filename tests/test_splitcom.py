@@ -1,5 +1,6 @@
-"""SplitCom: skip decisions, cache consistency between the two sides, codecs, spill-to-disk equivalence,
-controllers end to end, reductions from the ledger, and resume with caches and DDPG state."""
+"""SplitCom: skip decisions, cache consistency between the two sides, codecs, entropy coding, error feedback,
+adapter coding, spill-to-disk equivalence, controllers end to end, reductions from the ledger, and resume with
+caches, error-feedback and DDPG state."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedtune.comm.messages import encode
+from fedtune.comm.messages import Message, encode
 from fedtune.compression.codecs import CODECS
 from fedtune.compression.interfaces import Interface, InterfaceSettings
 from fedtune.engine.runner import Runner
@@ -69,12 +70,16 @@ def test_client_and_server_agree_on_what_was_last_sent(tmp_path, codec, residual
     iface = _iface(tmp_path, codec=codec, residual=residual)
     x, mask = _batch()
     keys = [4, 5, 6]
+    last_sent = {}
     for step in range(4):
         noisy = x + 0.05 * step * torch.randn(x.shape, generator=torch.Generator().manual_seed(step))
-        iface.receive(0, iface.send(0, keys, noisy, mask, {}, theta=0.9999, epoch=step)[0], mask)
-    for sid in keys:
-        held = iface.receiver.store.get((0, sid)).float()
-        torch.testing.assert_close(iface.sender.projections.get((0, sid)), iface.sender.projector(held),
+        message = iface.send(0, keys, noisy, mask, {}, theta=0.9999, epoch=step)[0]
+        iface.receive(0, message, mask)
+        for i, (sid, n) in enumerate(zip(keys, mask.sum(dim=1).tolist())):
+            if message.tensors["sent"][i]:
+                last_sent[sid] = noisy[i, :n]
+    for sid in keys:  # the sender compares with what it last sent (before the codec)
+        torch.testing.assert_close(iface.sender.projections.get((0, sid)), iface.sender.projector(last_sent[sid]),
                                    rtol=1e-5, atol=1e-5)
         if residual:
             assert torch.equal(iface.sender.held.get((0, sid)), iface.receiver.store.get((0, sid)))
@@ -148,6 +153,92 @@ def test_low_bit_codecs_are_within_half_a_step_and_pack_their_bits(codec, bits, 
     assert torch.equal(c.decode(c.encode(back)), back)  # what the receiver holds re-encodes to itself
 
 
+def test_topk_int4_keeps_the_fewest_rows_holding_99_percent_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 100, generator=g) * 0.01
+    x[[3, 17, 29]] *= 1000  # three rows hold nearly all of the squared norm
+    c = CODECS.get("topk-int4")()
+    wire = c.encode(x)
+    back = c.decode(wire)
+    assert wire["kept"].nonzero().flatten().tolist() == [3, 17, 29]
+    assert not back[~wire["kept"]].any()
+    kept = x[wire["kept"]]
+    padded = torch.nn.functional.pad(kept, (0, 28)).reshape(3, 2, 64)
+    step = padded.abs().amax(dim=-1) / 7
+    error = torch.nn.functional.pad(back[wire["kept"]] - kept, (0, 28)).reshape(3, 2, 64).abs().amax(dim=-1)
+    assert (error <= 0.5 * step * 1.001).all()
+    assert x[~wire["kept"]].pow(2).sum() <= 0.01 * x.pow(2).sum()
+    assert c.decode(c.encode(torch.zeros(0, 100))).shape == (0, 100)
+
+
+def test_entropy_coding_is_lossless_and_the_message_is_its_zstd_frame(tmp_path):
+    import zstandard
+    from safetensors.torch import save
+
+    from fedtune.compression import entropy
+
+    x, mask = _batch()
+    plain_iface = Interface(InterfaceSettings(kind="gradients", field="grad", codec="int4"), D, 0, tmp_path / "a")
+    packed_iface = Interface(InterfaceSettings(kind="gradients", field="grad", codec="int4", entropy="zstd"), D, 0,
+                             tmp_path / "b")
+    extra = {"labels": torch.full((3, 6), -100, dtype=torch.int32)}
+    plain, _ = plain_iface.send(0, [1, 2, 3], x, mask, extra, 1.0, 0)
+    packed, baseline = packed_iface.send(0, [1, 2, 3], x, mask, extra, 1.0, 0)
+    assert set(packed.tensors) == {"zstd"}
+    frame = packed.tensors["zstd"].numpy().tobytes()
+    assert frame == zstandard.ZstdCompressor(level=entropy.LEVEL).compress(save(plain.tensors))  # the real frame
+    opened = packed_iface.open(packed).tensors
+    assert opened.keys() == plain.tensors.keys() and all(torch.equal(opened[k], plain.tensors[k]) for k in opened)
+    assert torch.equal(packed_iface.receive(0, packed, mask), plain_iface.receive(0, plain, mask))
+    assert len(encode(packed)) < len(encode(plain)) < len(encode(baseline))
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_error_feedback_delivers_what_the_codec_dropped(tmp_path, feedback):
+    """The same sample's gradient sent 16 times through int2: with error feedback the receiver's running sum is the
+    true sum within one send's error (what is still held back); without, the codec's bias adds up every send."""
+    x, mask = _batch(lengths=(6,))
+    iface = Interface(InterfaceSettings(kind="gradients", field="grad", codec="int2", error_feedback=feedback), D, 0,
+                      tmp_path)
+    received = torch.zeros_like(x)
+    for step in range(1, 17):
+        received += iface.receive(0, iface.send(0, [7], x, mask, {}, 1.0, step)[0], mask)
+        drift = (received - step * x).norm() / x.norm()
+    one_send = (iface.receive(0, Interface(InterfaceSettings(kind="gradients", field="grad", codec="int2"), D, 0,
+                tmp_path / "x").send(0, [7], x, mask, {}, 1.0, 0)[0], mask) - x).norm() / x.norm()
+    if feedback:
+        assert drift <= 1.01 * one_send  # bounded: what the last send held back
+        torch.testing.assert_close(iface.feedback.store.get((0, 7)), (step * x - received)[0])  # what is held back
+    else:
+        assert drift > 10 * one_send  # 16 biased sends: the error grew with them
+
+
+def test_adapter_upload_is_its_change_from_the_download_and_the_ledger_knows_the_plain_size():
+    from fedtune.comm.ledger import Ledger
+    from fedtune.comm.transport import Transport
+    from fedtune.compression.adapters import AdapterCoder
+
+    g = torch.Generator().manual_seed(0)
+    start = {"a.lora_A": torch.randn(8, 96, generator=g), "a.lora_B": torch.zeros(40, 8)}
+    trained = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    keys = list(start)
+    coder = AdapterCoder("int4", "zstd")
+    up = coder.encode("client_adapter", trained, keys, {"num_samples": 3}, start=start)
+    back = coder.decode(up, start, keys, start)
+    largest_change = max((trained[k] - start[k]).abs().max() for k in keys)
+    for k in keys:  # within half an int4 step of the change (a group's step is at most the largest change / 7)
+        assert (back[k] - trained[k]).abs().max() <= 0.5 * largest_change / 7 * 1.001
+        assert back[k].shape == start[k].shape
+    ledger = Ledger()
+    Transport(ledger).upload(up, round=1, client=0)
+    plain_message = Message("client_adapter", {k: trained[k] for k in keys}, {"num_samples": 3})
+    assert ledger.baseline_bytes() == len(encode(plain_message))
+    assert ledger.bytes() < ledger.baseline_bytes() / 4
+    plain = AdapterCoder("none", "zstd")
+    as_is = plain.decode(plain.encode("client_adapter", trained, keys), start, keys)
+    assert all(torch.equal(as_is[k], trained[k]) for k in keys)
+
+
 FAST = ("paradigm=split", "split.cut=2", "federation.rounds=3", "train.local_steps=4", "eval.max_new_tokens=4",
         "data.max_train_samples=96", "partition.min_samples=4")
 
@@ -212,12 +303,53 @@ def test_int4_sends_an_eighth_on_every_interface_and_the_model_still_learns(tmp_
     assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
 
 
-def test_resume_with_caches_and_ddpg_state(tmp_path, tiny_config, monkeypatch):
-    """Crash in round 3 (after round 2's checkpoint), resume: same bytes, losses, thresholds, ratios."""
+#: configs/splitcom-ushape.toml's compression: reuse with int4 residuals, the gradients coded with error feedback,
+#: one zstd frame per message, the LoRA upload as its int4 change, the download int8.
+STACK = ("compression.method='splitcom'", "compression.codec='int4'", "compression.residual=true",
+         "compression.entropy='zstd'", "compression.adapter_codec='int4'", "compression.adapter_download_codec='int8'",
+         "compression.per_interface={tail_gradients={reuse=false,codec='topk-int4',error_feedback=true},"
+         "gradients={reuse=false,codec='int2',error_feedback=true}}")
+
+
+def test_the_shipped_stack_codes_every_message_and_the_model_still_learns(tmp_path, tiny_config):
+    summary = _run(tmp_path, tiny_config, "stack", "split.ushape=true", "split.cut=1", *STACK)
+    parts = summary["compression"]
+    for name in ("activations", "body_output", "tail_gradients", "gradients"):
+        assert parts[name]["bytes"] < parts[name]["uncompressed_bytes"] / 8, name
+    assert not parts["gradients"]["reuse"] and not parts["tail_gradients"]["reuse"]
+    assert parts["activations"]["reuse"] and parts["body_output"]["reuse"]
+    plain = _run(tmp_path, tiny_config, "plain-adapters", "split.ushape=true", "split.cut=1",
+                 "compression.method='splitcom'")
+    assert summary["comm"]["adapter_bytes"] < 0.5 * plain["comm"]["adapter_bytes"]
+    assert summary["comm"]["total_reduction"] > 0.9
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+
+
+def test_tiny_splitcom_over_8_one_epoch_rounds_shows_its_reduction(tmp_path, tiny_config):
+    """The tiny model, 8 rounds of one epoch each, with configs/splitcom.toml's stages (theta 0.95: the random tiny
+    model's activations move far more between epochs than SmolLM2's, whose 0.999 reuses almost everything)."""
+    cfg = tiny_config("paradigm=split", "split.cut=2", "federation.rounds=8", "train.local_epochs=1",
+                      "data.max_train_samples=48", "partition.method=iid", "eval.max_new_tokens=4",
+                      "compression.method='splitcom'", "compression.theta=0.95", "compression.codec='int4'",
+                      "compression.residual=true", "compression.entropy='zstd'", "compression.adapter_codec='int4'")
+    summary = Runner(cfg, tmp_path / "eight").run()
+    ratios = summary["compression"]["activations"]["upload_ratio_per_epoch"]
+    assert len(ratios) == 8 and ratios["0"] == 1.0 and max(list(ratios.values())[1:]) < 0.6
+    assert summary["comm"]["uplink_reduction"] > 0.93  # coding alone (theta 1) gives 0.90
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+
+
+@pytest.mark.parametrize("stack", [False, True], ids=["ddpg-int8", "ushape-stack"])
+def test_resume_with_caches_and_ddpg_state(tmp_path, tiny_config, monkeypatch, stack):
+    """Crash in round 3 (after round 2's checkpoint), resume: same bytes, losses, thresholds, ratios (and, with the
+    shipped U-shape stack, the error-feedback state of both sides)."""
     from fedtune.paradigms.split import SplitFed
 
     args = ("compression.method='splitcom'", "compression.controller='ddpg'", "compression.residual=true",
             "compression.codec='int8'", "compression.theta_min=0.5")
+    if stack:
+        args = (*STACK, "split.ushape=true", "split.cut=1", "compression.controller='ddpg'",
+                "compression.theta_min=0.5")
     full = _run(tmp_path, tiny_config, "full", *args)
     real = SplitFed.run_round
 

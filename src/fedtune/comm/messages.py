@@ -15,6 +15,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+#: Meta key of a coded message: the bytes of the plain message it stands for (the ledger's baseline for it).
+UNCOMPRESSED_BYTES = "uncompressed_bytes"
+
 
 @dataclass
 class Message:

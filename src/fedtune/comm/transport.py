@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from fedtune.comm.ledger import DOWN, UP, Ledger
-from fedtune.comm.messages import Message, decode, encode
+from fedtune.comm.messages import UNCOMPRESSED_BYTES, Message, decode, encode
 
 
 class Transport:
     """In-process transport: messages are really encoded to bytes and decoded on the other side.
 
-    The ledger records ``len(encoded)`` for every message, so byte counts are measured, not estimated.
+    The ledger records ``len(encoded)`` for every message, so byte counts are measured, not estimated. A message's
+    uncompressed equivalent (the baseline of reductions) is ``baseline`` when given, else the size a coded message
+    records in its meta (:data:`~fedtune.comm.messages.UNCOMPRESSED_BYTES`), else the message itself.
     """
 
     def __init__(self, ledger: Ledger) -> None:
@@ -26,6 +28,7 @@ class Transport:
         the message is sent again (a lost turn's download, resent by its retry), marked so in the ledger."""
         data = encode(message)
         base = len(encode(baseline)) if baseline is not None and baseline is not message else None
+        base = base if base is not None else message.meta.get(UNCOMPRESSED_BYTES)
         self.ledger.record(round, client, direction, message.kind, len(data), base, retransmit=retransmit)
         return data
 
@@ -34,7 +37,8 @@ class Transport:
         """Record and decode bytes that arrived from another process (the Ray backend: a worker's upload)."""
         message = decode(data)
         message.wire = data
-        self.ledger.record(round, client, direction, message.kind, len(data), baseline_bytes)
+        base = baseline_bytes if baseline_bytes is not None else message.meta.get(UNCOMPRESSED_BYTES)
+        self.ledger.record(round, client, direction, message.kind, len(data), base)
         return message
 
     def upload(self, message: Message, *, round: int, client: int, baseline: Message | None = None) -> Message:

@@ -22,19 +22,13 @@ class SplitChannels:
     def __init__(self, cfg, d_model: int, ushape: bool, spill_dir: Path) -> None:
         c = cfg.compression
         names = ["activations", "gradients"] + (list(USHAPE_ONLY) if ushape else [])
-        enabled = c.method != "none" or c.codec != "none"
         default = names if ushape else ["activations"]
-        selected = set(c.interfaces or default) if enabled else set()
+        selected = set(c.interfaces or default) | set(c.per_interface) if c.on else set()
         budget = int(c.cache_budget_mb * 1e6) if c.cache_budget_mb else None
         self.ifaces: dict[str, Interface] = {}
         self.controllers = {}
         for name in names:
-            field = INTERFACES[name][0]
-            on = name in selected
-            settings = InterfaceSettings(
-                kind=name, field=field, codec=c.codec if on else "none", reuse=on and c.method == "splitcom",
-                metric=c.metric, projection_dim=c.projection_dim, cache_dtype=getattr(torch, c.cache_dtype),
-                receiver_budget_bytes=budget, residual=c.residual and on)
+            settings = self._settings(c, name, name in selected, budget)
             self.ifaces[name] = Interface(settings, d_model, derive_seed(cfg.seed, "projection", name), spill_dir)
             if settings.reuse:
                 self.controllers[name] = make_controller(c.controller, c.thresholds.get(name, c.theta),
@@ -43,6 +37,22 @@ class SplitChannels:
         self.thetas: dict[str, float] = {}
         self.trajectory: dict[str, list[list]] = {name: [] for name in self.controllers}
         self._counts_at_start: dict[str, tuple[int, int]] = {}
+
+    @staticmethod
+    def _settings(c, name: str, on: bool, budget: int | None) -> InterfaceSettings:
+        """Interface ``name``'s settings: the table's, overridden by ``per_interface.<name>``; all off unless ``on``."""
+        o = c.per_interface.get(name)
+
+        def pick(key: str):
+            own = getattr(o, key) if o is not None else None
+            return getattr(c, key) if own is None else own
+
+        reuse = on and c.method == "splitcom" and (o is None or o.reuse is not False)
+        return InterfaceSettings(
+            kind=name, field=INTERFACES[name][0], codec=pick("codec") if on else "none", reuse=reuse,
+            metric=c.metric, projection_dim=c.projection_dim, cache_dtype=getattr(torch, c.cache_dtype),
+            receiver_budget_bytes=budget, residual=on and reuse and pick("residual"),
+            error_feedback=on and not reuse and pick("error_feedback"), entropy=c.entropy if on else "none")
 
     def __getitem__(self, name: str) -> Interface:
         return self.ifaces[name]
@@ -87,6 +97,9 @@ class SplitChannels:
                     out[f"{name}.held"] = iface.sender.held
             else:
                 out[f"{name}.received"] = iface.receiver.store
+        for name, iface in self.ifaces.items():
+            if iface.feedback is not None and INTERFACES[name][2] == side:
+                out[f"{name}.feedback"] = iface.feedback.store
         return out
 
     def export_caches(self, side: str, client: int | None = None, samples: set[int] | None = None) -> dict:

@@ -62,3 +62,28 @@ class Int4PerGroup(PackedPerGroup):
 @CODECS.register("int2")
 class Int2PerGroup(PackedPerGroup):
     bits = 2
+
+
+@CODECS.register("topk-int4")
+class TopRowsInt4(Int4PerGroup):
+    """The fewest rows (tokens) that hold :data:`ENERGY` of the squared norm, int4 per group; the other rows decode
+    as zeros. For gradients, whose norm sits in a few tokens (at the U-shape body output: 99.9 % in the 30 % of
+    tokens nearest the labels, measured on SmolLM2 / E2E); with error feedback the dropped rows arrive later."""
+
+    def encode(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        energy = rows.float().pow(2).sum(dim=1)
+        order = energy.argsort(descending=True)
+        share = energy[order].cumsum(0) / energy.sum().clamp_min(1e-30)
+        count = int((share < ENERGY).sum()) + 1 if len(rows) else 0
+        kept = torch.zeros(len(rows), dtype=torch.bool)
+        kept[order[:count]] = True
+        return {**super().encode(rows[kept]), "kept": kept, "rows": torch.tensor([len(rows), rows.shape[1]])}
+
+    def decode(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        n, d = (int(v) for v in tensors["rows"])
+        out = torch.zeros(n, d)
+        out[tensors["kept"]] = super().decode(tensors)
+        return out
+
+
+ENERGY = 0.99  # share of a message's squared norm that topk-int4 keeps

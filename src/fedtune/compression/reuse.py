@@ -1,12 +1,13 @@
 """SplitCom temporal reuse on one split interface (one direction), sender and receiver sides apart.
 
-Per (client, sample id), the **sender** keeps a random projection of what the receiver holds for that sample
-(it never leaves the sender); the **receiver** keeps the full tensor in low precision (a :class:`TensorStore`
-that spills to disk past its memory budget). Each step, per sample: the similarity between the projection
-of the current tensor and the cached projection is compared with the threshold theta; at or above it only a
-skip flag crosses and the receiver reuses its copy; below it the sample's rows are sent (through the codec,
-optionally as a residual against the held copy) and both caches update. Only the valid (unpadded) tokens of
-a sample are ever sent or cached.
+Per (client, sample id), the **sender** keeps a random projection of the tensor it last sent for that sample (as
+it was before the codec: reuse asks whether the tensor changed, not how closely the codec kept it; the projection
+never leaves the sender); the **receiver** keeps the full tensor in low precision (a :class:`TensorStore` that
+spills to disk past its memory budget). Each step, per sample: the similarity between the projection of the
+current tensor and the cached projection is compared with the threshold theta; at or above it only a skip flag
+crosses and the receiver reuses its copy; below it the sample's rows are sent (through the codec, optionally as a
+residual against the held copy, which carries the codec's last error along) and both caches update. Only the
+valid (unpadded) tokens of a sample are ever sent or cached.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fedtune.compression.codecs import Codec
 from fedtune.compression.store import TensorStore
 from fedtune.core.registry import Registry
 
@@ -65,7 +65,7 @@ class BatchDecision:
 
 
 class ReuseSender:
-    """Sender side: projections of what the receiver holds, and (residual mode) the held copies themselves."""
+    """Sender side: projections of what it last sent, and (residual mode) the copies the receiver holds."""
 
     def __init__(self, d_model: int, dim: int, seed: int, metric: str, residual: bool, held_dtype: torch.dtype,
                  spill_dir: Path) -> None:
@@ -86,9 +86,9 @@ class ReuseSender:
     def reference(self, key: Key) -> torch.Tensor:
         return self.held.get(key).float()
 
-    def commit(self, key: Key, held: torch.Tensor) -> None:
-        """Record that the receiver now holds ``held`` for ``key``."""
-        self.projections.put(key, self.projector(held))
+    def commit(self, key: Key, sent: torch.Tensor, held: torch.Tensor) -> None:
+        """Record that ``sent`` was sent for ``key`` and the receiver holds ``held`` (``sent`` through the codec)."""
+        self.projections.put(key, self.projector(sent))
         if self.held is not None:
             self.held.put(key, held)
 
@@ -121,9 +121,3 @@ class ReuseReceiver:
 
     def load_state_dict(self, state: dict) -> None:
         self.store.load_state_dict(state)
-
-
-def held_after_send(codec: Codec, rows: torch.Tensor, reference: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """What the receiver will hold after ``rows`` is sent (optionally as a residual against ``reference``)."""
-    decoded = codec.roundtrip(rows - reference) + reference if reference is not None else codec.roundtrip(rows)
-    return decoded.to(dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedtune.comm.split_interfaces import SPLIT_INTERFACES
 from fedtune.config.base import OwnedKeysSection, Section, registered
@@ -35,6 +35,19 @@ class SplitConfig(Section):
         "both", description="Which block adjacent to the cut gets cut_rank: the client's last, the server's first, or both.")
 
 
+CODEC = "fedtune.compression.codecs:CODECS"
+
+
+class InterfaceCompression(Section):
+    """One split interface's own settings (``[compression.per_interface.<name>]``); unset keys take the table's."""
+
+    codec: Annotated[str, registered(CODEC)] | None = Field(None, description="This interface's codec.")
+    reuse: bool | None = Field(None, description="SplitCom reuse on this interface (method = 'splitcom'); false: "
+                               "every step is sent, through the codec.")
+    residual: bool | None = Field(None, description="Changed samples as residuals against the held copy.")
+    error_feedback: bool | None = Field(None, description="Error feedback (only on an interface without reuse).")
+
+
 class CompressionConfig(OwnedKeysSection):
     """Split-interface compression. Besides these keys, each threshold controller reads its own (its ``Settings``:
     bang-bang's ``theta_low``/``theta_high``/``tolerance``, DDPG's ``theta_min``/``theta_max``/``ddpg_lambda``/
@@ -57,20 +70,35 @@ class CompressionConfig(OwnedKeysSection):
         "float16", description="Precision of the receiver's cache of full tensors.")
     cache_budget_mb: float | None = Field(
         None, gt=0, description="Memory budget of each receiver cache; past it entries spill to a memory-mapped file.")
-    codec: Annotated[str, registered("fedtune.compression.codecs:CODECS")] = Field(
+    codec: Annotated[str, registered(CODEC)] = Field(
         "none", description="Codec for what is sent: 'none' (as is), 'fp16', 'bf16', 'int8' (per token, absmax "
         "scale), or 'int4' / 'int2' (per group of 64 values, absmax scale, packed). Padding is never sent once any "
         "compression is on.")
     residual: bool = Field(False, description="Send changed samples as a residual against the held copy (the sender then "
-                           "also keeps full copies).")
+                           "also keeps full copies). The held copy is what the receiver decoded, so what the codec "
+                           "dropped last time rides in the next residual: error feedback by construction.")
+    error_feedback: bool = Field(
+        False, description="On interfaces sent every step (no reuse), keep per sample what the codec dropped and add "
+        "it to the sample's next send (EF-SGD style; for gradients).")
+    entropy: Literal["none", "zstd"] = Field(
+        "none", description="'zstd': each compressed message (payload, flags, mask, labels) travels as one zstd frame, "
+        "counted at its compressed size.")
+    per_interface: dict[str, InterfaceCompression] = Field(
+        default_factory=dict, description="Per-interface overrides of codec, reuse, residual and error_feedback, e.g. "
+        "[compression.per_interface.gradients] codec = 'int4', reuse = false, error_feedback = true; an interface "
+        "named here is compressed even where `interfaces` leaves it out.")
+    adapter_codec: Annotated[str, registered(CODEC)] = Field(
+        "none", description="Codec of the client's LoRA upload at the end of its split session, sent as its change "
+        "from what it downloaded (entropy-coded too when entropy is on).")
+    adapter_download_codec: Annotated[str, registered(CODEC)] = Field(
+        "none", description="Codec of the LoRA weights a split client downloads (sent as they are: the client keeps "
+        "nothing between rounds); the client trains from what it decodes.")
     controller: Annotated[str, registered("fedtune.compression.controllers:CONTROLLERS")] = Field("fixed", description="Threshold controller: 'fixed', 'bangbang' (validation perplexity), "
-                            "'ddpg', 'linear' (a schedule from theta to theta_end over the run).")
+                            "'ddpg', 'linear' (a schedule from theta to theta_end over the run), 'budget' (theta moved so each "
+                            "session sends byte_budget of its uncompressed bytes).")
     theta: float = Field(0.999, ge=0, le=1, description="Threshold (fixed), and the start for ddpg and linear.")
     thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=dict, description="Per-interface fixed thresholds overriding theta.")
-
-
-
 
     @field_validator("interfaces")
     @classmethod
@@ -80,13 +108,29 @@ class CompressionConfig(OwnedKeysSection):
                 raise ValueError(f"unknown interface {name!r}; valid: {', '.join(SPLIT_INTERFACES)}")
         return v
 
-    @field_validator("thresholds")
+    @field_validator("thresholds", "per_interface")
     @classmethod
-    def _threshold_interfaces(cls, v: dict[str, float]) -> dict[str, float]:
+    def _threshold_interfaces(cls, v: dict) -> dict:
         for name in v:
             if name not in SPLIT_INTERFACES:
                 raise ValueError(f"unknown interface {name!r}; valid: {', '.join(SPLIT_INTERFACES)}")
         return v
+
+    @model_validator(mode="after")
+    def _feedback_without_reuse(self) -> "CompressionConfig":
+        for name, o in self.per_interface.items():
+            if o.error_feedback and self.method == "splitcom" and o.reuse is not False:
+                raise ValueError(f"compression.per_interface.{name}: error_feedback is for an interface sent every "
+                                 "step; set reuse = false there, or keep reuse and send residuals (residual = true), "
+                                 "which feed the codec's error back already")
+        return self
+
+    @property
+    def on(self) -> bool:
+        """Whether any compression is asked for (reuse, a codec, entropy coding, an adapter codec)."""
+        return (self.method != "none" or self.entropy != "none"
+                or any(c != "none" for c in (self.codec, self.adapter_codec, self.adapter_download_codec))
+                or any(o.codec not in (None, "none") for o in self.per_interface.values()))
 
     def controller_settings(self) -> Section:
         """The chosen controller's settings."""

@@ -185,6 +185,9 @@ class Runner:
             "downlink_bytes": ledger.bytes(round=round, direction=DOWN),
             "cum_uplink_bytes": ledger.bytes(direction=UP),
             "cum_downlink_bytes": ledger.bytes(direction=DOWN),
+            # what the same messages would have cost uncompressed (equal to the above without compression)
+            "cum_uncompressed_uplink_bytes": ledger.baseline_bytes(direction=UP),
+            "cum_uncompressed_downlink_bytes": ledger.baseline_bytes(direction=DOWN),
             "retransmitted_bytes": ledger.retransmitted_bytes(round=round),  # part of the bytes above: sent again
             "cum_retransmitted_bytes": ledger.retransmitted_bytes(),
             "client_flops": sum(result.client_flops.values()) if result else 0,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from fedtune.comm.ledger import DOWN, UP
 from fedtune.comm.messages import Message
+from fedtune.comm.split_interfaces import USHAPE_ONLY
+from fedtune.compression.adapters import AdapterCoder
 from fedtune.compression.channels import SplitChannels
 from fedtune.core.errors import ConfigError, RoundAbortedError
 from fedtune.core.seeding import numpy_rng
@@ -58,7 +60,7 @@ class Session:
 
 
 def _compression_on(cfg) -> bool:
-    return cfg.compression.method != "none" or cfg.compression.codec != "none"
+    return cfg.compression.on
 
 
 def _body_failure(body: TensorDict, start: TensorDict, max_ratio: float | None) -> str | None:
@@ -92,9 +94,11 @@ class SplitFed(Paradigm):
                 raise ValueError(f"split.{key} has {len(values)} entries but federation.num_clients = {n}; give one per client")
             if values is not None and min(values) < 1:
                 raise ValueError(f"split.{key} entries must be >= 1, got {values}")
-        bad = [i for i in cfg.compression.interfaces or [] if i in ("body_output", "tail_gradients")]
-        if _compression_on(cfg) and bad and not s.ushape:
-            raise ValueError(f"compression.interfaces {bad} exist only in a U-shape split (split.ushape = true)")
+        c = cfg.compression
+        for key, names in (("interfaces", c.interfaces or []), ("per_interface", c.per_interface)):
+            bad = [i for i in names if i in USHAPE_ONLY]
+            if _compression_on(cfg) and bad and not s.ushape:
+                raise ValueError(f"compression.{key} {bad} exist only in a U-shape split (split.ushape = true)")
         if s.cut_policy == "profiles" and not cfg.devices.profiles:
             raise ValueError("split.cut_policy = 'profiles' needs devices.profiles")
         if s.cut_rank is not None and (s.cuts is not None or s.adaptive):
@@ -138,8 +142,11 @@ class SplitFed(Paradigm):
                 raise CutError(f"client {cid}: cut after {k} blocks exceeds its capacity of {self.max_blocks[cid]} blocks")
         channels = SplitChannels(cfg, ctx.model.config.hidden_size, bool(self.tail), ctx.run_dir / "cache")
         self.streams, self.val_rows = self._streams()
+        c = cfg.compression
         self.trainer = SplitTrainer(ctx, split, blocks_of_keys(self.global_state, split.blocks_name), channels,
-                                    self.tail, [st.indices for st in self.streams])
+                                    self.tail, [st.indices for st in self.streams],
+                                    AdapterCoder(c.adapter_download_codec, c.entropy),
+                                    AdapterCoder(c.adapter_codec, c.entropy))
         self.cut_history: dict[int, list[int]] = {c: [k] for c, k in self.cuts.items()}
         self._sessions_done = 0
 
@@ -176,8 +183,9 @@ class SplitFed(Paradigm):
 
     # -- one client's round -------------------------------------------------------------------
     def _job(self, round: int, cid: int, cut: Cut) -> ClientJob:
-        keys = self.trainer.keys(set(cut.client_blocks(self.trainer.num_layers)))
-        return ClientJob(round, cid, Message("client_adapter", {k: self.global_state[k] for k in keys}),
+        t = self.trainer
+        download = t.download_coder.encode("client_adapter", self.global_state, t.client_keys(cut))
+        return ClientJob(round, cid, download,
                          {"stream": self.streams[cid].state_dict(), "cut": cut.head,
                           "steps": local_steps(self.ctx.cfg, len(self.streams[cid].indices)),
                           "thetas": dict(self.channels.thetas)})
@@ -215,7 +223,15 @@ class SplitFed(Paradigm):
         failure = _body_failure(server_end.body, body, ctx.cfg.train.max_update_ratio)
         if failure:
             return Session(None, None, run.mean_loss, failure=failure, **stats)
-        return Session(client_end.upload.tensors, server_end.body, run.mean_loss, **stats)
+        return Session(self._uploaded(client_end.upload, cut), server_end.body, run.mean_loss, **stats)
+
+    def _uploaded(self, upload: Message, cut: Cut) -> TensorDict:
+        """The client's LoRA weights its upload stands for (a coded upload is its change from its download)."""
+        t, keys = self.trainer, self.trainer.client_keys(cut)
+        if not t.upload_coder.active:
+            return upload.tensors
+        start = t.download_coder.roundtrip(self.global_state, keys)
+        return t.upload_coder.decode(upload, self.global_state, keys, start)
 
     # -- the round ----------------------------------------------------------------------------
     def run_round(self, round: int) -> RoundResult:

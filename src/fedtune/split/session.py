@@ -171,8 +171,8 @@ class ClientSide(_Side):
         if failure:
             message = Message("client_failure", meta={"reason": failure})
         else:
-            message = Message("client_adapter", client_state,
-                              {"num_samples": len(self.stream.indices), "train_loss": mean_loss})
+            message = self.t.upload_coder.encode("client_adapter", state, self.keys, {
+                "num_samples": len(self.stream.indices), "train_loss": mean_loss}, start=self.start)
         return message, self.meter.peak_bytes, self.stream.state_dict()
 
 
@@ -194,11 +194,14 @@ class ServerSide(_Side):
         self.pending: tuple | None = None
         self.ctx.model.train()
 
-    def _receive(self, up: Message, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _receive(self, up: Message, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, Message]:
+        """The received activations, the attention mask, and the upload as sent (with the labels, standard split)."""
         self.samples.update(rows)
+        iface = self.t.channels["activations"]
+        up = iface.open(up)
         mask = up.tensors["attention_mask"].long()
-        h = self.t.channels["activations"].receive(self.cid, up, mask).to(self.device).requires_grad_()
-        return h, mask
+        h = iface.receive(self.cid, up, mask).to(self.device).requires_grad_()
+        return h, mask, up
 
     def _observe(self) -> None:
         self.meter.observe(self.t.server_modules(self.cut), self.opt)
@@ -207,7 +210,7 @@ class ServerSide(_Side):
         """Standard split: body, norm, LM head and loss on the activations; back-propagate, step, and return the
         cut-layer gradient (a step failure if the loss or the gradient norm is not finite)."""
         with self.meter.step():
-            h, mask = self._receive(up, rows)
+            h, mask, up = self._receive(up, rows)
             out = self.t.split.run(self.cut.head, self.L, hidden=h, attention_mask=mask.to(self.device),
                                    labels=up.tensors["labels"].to(self.device).long())
         loss = out.loss
@@ -224,7 +227,7 @@ class ServerSide(_Side):
     def forward(self, up: Message, rows: list[int], epoch: int) -> tuple[Message, Message]:
         """U-shape: the body blocks on the activations; returns the body output (kept: its graph waits)."""
         with self.meter.step():
-            h, mask = self._receive(up, rows)
+            h, mask, _ = self._receive(up, rows)
             body = self.t.split.run(self.cut.head, self.L - self.cut.tail, hidden=h, attention_mask=mask.to(self.device))
         self.pending = (h, body, mask, rows, epoch)
         return self._send("body_output", body, rows, mask, epoch)
@@ -323,8 +326,10 @@ def open_client_side(trainer: SplitTrainer, job) -> ClientSide:
     """The client's half of a session from its job (``download``: its blocks; ``state``: stream position, cut, steps,
     thresholds)."""
     state = job.state
-    return ClientSide(trainer, job.round, job.client, trainer.cut(state["cut"]), job.download.tensors,
-                      trainer.stream(job.client, state["stream"]), state["steps"], state["thetas"])
+    cut = trainer.cut(state["cut"])
+    adapter = trainer.download_coder.decode(job.download, adapter_state(trainer.ctx.model), trainer.client_keys(cut))
+    return ClientSide(trainer, job.round, job.client, cut, adapter, trainer.stream(job.client, state["stream"]),
+                      state["steps"], state["thetas"])
 
 
 def open_server_side(trainer: SplitTrainer, job, body: TensorDict) -> ServerSide:

@@ -1,7 +1,8 @@
 """What either side of a split session needs from the run, as one small public object the paradigm hands out.
 
 The sides (:mod:`fedtune.split.session`) never see the paradigm: only the run context (model, device, config,
-batches), the model cut into blocks, which LoRA weights live on which block, and the interfaces' channels.
+batches), the model cut into blocks, which LoRA weights live on which block, the interfaces' channels, and the
+coders of the LoRA weights a client downloads and uploads.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class SplitTrainer:
     channels: object  # fedtune.compression.channels.SplitChannels: the interfaces with their codecs and caches
     tail: int  # U-shape: blocks at the end kept on the client (0: standard split)
     rows: list[list[int]]  # each client's training rows (its data stream's samples)
+    download_coder: object  # fedtune.compression.adapters.AdapterCoder of the client's LoRA download
+    upload_coder: object  # ... and of its upload (its change from what it downloaded)
 
     @property
     def num_layers(self) -> int:
@@ -55,6 +58,10 @@ class SplitTrainer:
     def keys(self, blocks: set[int]) -> list[str]:
         """The LoRA keys of ``blocks``."""
         return [k for k, b in self.key_block.items() if b in blocks]
+
+    def client_keys(self, cut: Cut) -> list[str]:
+        """The LoRA keys of the blocks on the client (what it downloads and uploads)."""
+        return self.keys(set(cut.client_blocks(self.num_layers)))
 
     def params(self, blocks: set[int]) -> list[torch.nn.Parameter]:
         """The trainable parameters of ``blocks``, in block order."""
