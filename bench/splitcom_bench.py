@@ -12,6 +12,7 @@ model, data, samples, rounds and seed, each into its own run directory under --o
     shipped-zstd   shipped without entropy coding (what zstd adds)
     residual       shipped, changed samples sent as residuals against the held copy (error feedback)
     one-theta      shipped without per-interface thresholds (U-shape: the body output at theta 0.999 too)
+    tgrad-int4     U-shape shipped with the tail gradients in topk-int4 instead of topk-int2
     bangbang       shipped with the bang-bang threshold controller
     ddpg           shipped with the DDPG threshold controller
     budget         shipped with the budget controller (each session sends compression.byte_budget of its bytes)
@@ -49,8 +50,8 @@ from fedtune.core.errors import FedtuneError
 
 SHAPES = ("standard", "ushape")
 SHAPE_TITLES = {"standard": "standard split", "ushape": "U-shape split"}
-VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "residual", "one-theta", "bangbang", "ddpg",
-            "budget")
+VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "residual", "one-theta", "tgrad-int4",
+            "bangbang", "ddpg", "budget")
 MB = 1e6
 LOSS_TOLERANCE_PCT = 1.0  # "within 1 % of vanilla"
 METRIC_TOLERANCE_POINTS = 1.0  # "the task metric within 1 point of vanilla"
@@ -72,6 +73,7 @@ VARIANT_SETS: dict[str, list[str]] = {
     "shipped-zstd": ["compression.entropy=none"],
     "residual": ["compression.residual=true"],
     "one-theta": ["compression.thresholds={}"],
+    "tgrad-int4": ["compression.per_interface.tail_gradients.codec=topk-int4"],
     "bangbang": ["compression.controller=bangbang"],
     "ddpg": ["compression.controller=ddpg"],
     "budget": ["compression.controller=budget"],
@@ -323,6 +325,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, config="configs/splitcom.toml", out="bench/out/splitcom")
     parser.add_argument("--ushape-config", default="configs/splitcom-ushape.toml", help="the U-shape's config")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tabulate the chosen variants that have a finished run under --out")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list, subset of {','.join(SHAPES)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list, subset of {','.join(VARIANTS)}")
     args = parser.parse_args()
@@ -356,8 +360,9 @@ def main() -> int:
         print(f"{SHAPE_TITLES[shape]} ({configs[shape]}): {', '.join(variants)}", flush=True)
         for note in notes:
             print(f"  note: {note}", flush=True)
+        chosen = [v for v in variants if not args.report_only or (out / shape / v / "summary.json").exists()]
         outcomes[shape] = [runner.run(shape, variant, [*s_overrides, *VARIANT_SETS[variant]], notes)
-                           for variant in variants]
+                           for variant in chosen]
         warmup = runner.warmup  # None once one runner warmed up
 
     results: dict[str, dict[str, Any]] = {}

@@ -54,7 +54,7 @@ DDPG_INT8 = ("compression.controller=ddpg", "compression.theta_min=0.5", "compre
 # configs/splitcom-ushape.toml's stages beyond reuse: the gradients sent every step with error feedback (the tail
 # gradients' state on the client, the cut gradients' on the server), zstd frames, coded LoRA downloads and uploads
 STACK = ("compression.entropy=zstd", "compression.adapter_codec=int4", "compression.adapter_download_codec=int8",
-         "compression.per_interface={tail_gradients={reuse=false,codec='topk-int4',error_feedback=true},"
+         "compression.per_interface={tail_gradients={reuse=false,codec='topk-int2',error_feedback=true},"
          "gradients={reuse=false,codec='int2',error_feedback=true}}")
 
 
@@ -322,7 +322,7 @@ def test_splitcom_on_ray_equals_inprocess(ray_local, tmp_path):
 
 def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, tmp_path, monkeypatch):
     """U-shape SplitCom with DDPG and int8 residuals on the activations and body outputs, the gradients int2 and
-    topk-int4 with error feedback, zstd frames and coded adapters. The server's worker dies in round 2:
+    topk-int2 with error feedback, zstd frames and coded adapters. The server's worker dies in round 2:
     the run stops at a checkpoint of round 1 written then (checkpoint.every = 2), with every cache as of round 1 and
     the DDPG controllers rolled back; the resumed run loads the server's caches into a new server worker and ends
     as the uninterrupted in-process run (round 1 before the fault and round 2 after ran on Ray undisturbed)."""

@@ -153,18 +153,19 @@ def test_low_bit_codecs_are_within_half_a_step_and_pack_their_bits(codec, bits, 
     assert torch.equal(c.decode(c.encode(back)), back)  # what the receiver holds re-encodes to itself
 
 
-def test_topk_int4_keeps_the_fewest_rows_holding_99_percent_within_half_a_step():
+@pytest.mark.parametrize("codec, levels", [("topk-int4", 7), ("topk-int2", 1)])
+def test_topk_codecs_keep_the_fewest_rows_holding_99_percent_within_half_a_step(codec, levels):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 100, generator=g) * 0.01
     x[[3, 17, 29]] *= 1000  # three rows hold nearly all of the squared norm
-    c = CODECS.get("topk-int4")()
+    c = CODECS.get(codec)()
     wire = c.encode(x)
     back = c.decode(wire)
     assert wire["kept"].nonzero().flatten().tolist() == [3, 17, 29]
     assert not back[~wire["kept"]].any()
     kept = x[wire["kept"]]
     padded = torch.nn.functional.pad(kept, (0, 28)).reshape(3, 2, 64)
-    step = padded.abs().amax(dim=-1) / 7
+    step = padded.abs().amax(dim=-1) / levels
     error = torch.nn.functional.pad(back[wire["kept"]] - kept, (0, 28)).reshape(3, 2, 64).abs().amax(dim=-1)
     assert (error <= 0.5 * step * 1.001).all()
     assert x[~wire["kept"]].pow(2).sum() <= 0.01 * x.pow(2).sum()
@@ -303,11 +304,11 @@ def test_int4_sends_an_eighth_on_every_interface_and_the_model_still_learns(tmp_
     assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
 
 
-#: configs/splitcom-ushape.toml's compression: reuse with int4 residuals, the gradients coded with error feedback,
-#: one zstd frame per message, the LoRA upload as its int4 change, the download int8.
+#: configs/splitcom-ushape.toml's stages (with residuals on): reuse with int4 residuals, the gradients coded with
+#: error feedback, one zstd frame per message, the LoRA upload as its int4 change, the download int8.
 STACK = ("compression.method='splitcom'", "compression.codec='int4'", "compression.residual=true",
          "compression.entropy='zstd'", "compression.adapter_codec='int4'", "compression.adapter_download_codec='int8'",
-         "compression.per_interface={tail_gradients={reuse=false,codec='topk-int4',error_feedback=true},"
+         "compression.per_interface={tail_gradients={reuse=false,codec='topk-int2',error_feedback=true},"
          "gradients={reuse=false,codec='int2',error_feedback=true}}")
 
 

@@ -64,11 +64,10 @@ class Int2PerGroup(PackedPerGroup):
     bits = 2
 
 
-@CODECS.register("topk-int4")
-class TopRowsInt4(Int4PerGroup):
-    """The fewest rows (tokens) that hold :data:`ENERGY` of the squared norm, int4 per group; the other rows decode
-    as zeros. For gradients, whose norm sits in a few tokens (at the U-shape body output: 99.9 % in the 30 % of
-    tokens nearest the labels, measured on SmolLM2 / E2E); with error feedback the dropped rows arrive later."""
+class TopRows(PackedPerGroup):
+    """The fewest rows (tokens) that hold :data:`ENERGY` of the squared norm, quantised per group; the other rows
+    decode as zeros. For gradients, whose norm sits in a few tokens (at the U-shape body output: 99.9 % in the 30 %
+    of tokens nearest the labels, measured on SmolLM2 / E2E); with error feedback the dropped rows arrive later."""
 
     def encode(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         energy = rows.float().pow(2).sum(dim=1)
@@ -86,4 +85,14 @@ class TopRowsInt4(Int4PerGroup):
         return out
 
 
-ENERGY = 0.99  # share of a message's squared norm that topk-int4 keeps
+@CODECS.register("topk-int4")
+class TopRowsInt4(TopRows):
+    bits = 4
+
+
+@CODECS.register("topk-int2")
+class TopRowsInt2(TopRows):
+    bits = 2
+
+
+ENERGY = 0.99  # share of a message's squared norm that the topk codecs keep
