@@ -426,7 +426,7 @@ def main() -> int:
            "activations interface, per data epoch."]
     md += ["", *plot(results, out)]
     publish(out, md, {
-        "args": vars(args), "model": model, "num_layers": layers, "shapes": results,
+        "args": vars(args), "seed": base.seed, "data": base.data.dataset, "model": model, "num_layers": layers, "shapes": results,
         "target_lines": target_lines, "reused": reused, "resumed": resumed,
     }, started)
     return 0
