@@ -343,6 +343,14 @@ def test_splitcom_on_ray_resumes_exactly_after_a_lost_server(ray_local, tmp_path
     assert all(c["upload_ratio"] < 1.0 for c in summary["compression"].values() if c["reuse"])  # samples reused
 
 
+def test_client_state_of_scaffold_and_kept_optimizers_on_ray_equals_inprocess(ray_local, tmp_path):
+    """Each client's own state (its AdamW moments, SCAFFOLD's c_i) travels to whichever worker runs its turn."""
+    args = ("federation.rounds=3", "federation.strategy=scaffold", "train.keep_optimizer_state=true")
+    _run(tmp_path / "inprocess", *args)
+    _run(tmp_path / "ray", *args, *RAY)
+    _assert_same_run(tmp_path / "inprocess", tmp_path / "ray")
+
+
 def test_kd_on_ray_equals_inprocess(ray_local, tmp_path):
     _run(tmp_path / "inprocess", *KD)
     _run(tmp_path / "ray", *KD, *RAY)

@@ -49,5 +49,5 @@ def test_fedprox_regularizer_is_half_mu_squared_distance():
 
 
 def test_unknown_strategy_lists_choices():
-    with pytest.raises(ConfigError, match="fedadam, fedavg, fedprox"):
-        STRATEGIES.get("scaffold")
+    with pytest.raises(ConfigError, match="fedadagrad, fedadam, fedavg, fedavgm, fedprox, fedyogi, scaffold"):
+        STRATEGIES.get("fednova")

@@ -19,11 +19,21 @@ class FederationConfig(Section):
     stop_after_rejected_rounds: int | None = Field(
         3, ge=1, description="Stop the run (at that round's checkpoint, with an error) when every client asked in a "
         "round had its update rejected this many rounds in a row: the model is not being trained. none = never.")
-    strategy: Annotated[str, registered("fedtune.federated.strategies:STRATEGIES")] = Field("fedavg", description="Server aggregation strategy: 'fedavg', 'fedprox', 'fedadam'.")
+    strategy: Annotated[str, registered("fedtune.federated.strategies:STRATEGIES")] = Field(
+        "fedavg", description="Server aggregation strategy: 'fedavg', 'fedprox' (client proximal term), or a server "
+        "optimizer on the mean client change: 'fedavgm' (momentum), 'fedadagrad', 'fedadam', 'fedyogi'.")
+    lora_aggregation: Annotated[str, registered("fedtune.federated.strategies:AGGREGATION_SPACES")] = Field(
+        "factors", description="Where the clients' LoRA adapters are averaged: 'factors' (A and B separately, as "
+        "FedAvg of PEFT adapters does; not the mean of the updates B.A) or 'product' (each module's B.A averaged, "
+        "then re-factorised to the global rank by truncated SVD: exact up to that truncation).")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient mu.")
-    server_lr: float = Field(1e-2, gt=0, description="Server learning rate (fedadam).")
-    server_betas: tuple[float, float] = Field((0.9, 0.99), description="Server Adam betas (fedadam).")
-    server_eps: float = Field(1e-3, gt=0, description="Server Adam epsilon / adaptivity tau (fedadam).")
+    server_lr: float | None = Field(None, gt=0, description="Server learning rate of the server optimizers; none = "
+                                    "the strategy's default (fedavgm 1.0; fedadagrad, fedadam, fedyogi 0.01).")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="Server momentum beta (fedavgm).")
+    server_betas: tuple[float, float] = Field((0.9, 0.99), description="Server first and second moment betas "
+                                              "(fedadam, fedyogi; fedadagrad uses the first).")
+    server_eps: float = Field(1e-3, gt=0, description="Server adaptivity tau added to sqrt(v) (fedadagrad, fedadam, "
+                              "fedyogi).")
 
 
     @model_validator(mode="after")

@@ -109,6 +109,10 @@ class TrainConfig(Section):
     max_update_ratio: float | None = Field(100.0, gt=0, description=(
         "Reject a client's (or the server's) update when ||new - start|| > max_update_ratio * ||start||, start "
         "being the LoRA weights it started its turn from (norms over all of them together); none = no bound."))
+    keep_optimizer_state: bool = Field(False, description=(
+        "FedLLM: each client keeps its AdamW state (moments, step count) from its last turn instead of starting a "
+        "fresh optimizer every round; it is the client's own (checkpointed; on a deployed client, kept on its "
+        "machine)."))
 
 
 class EvalConfig(Section):

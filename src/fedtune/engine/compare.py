@@ -44,10 +44,11 @@ class Sweep:
         return cls(SWEEP_ALIASES.get(key.strip(), key.strip()), items)
 
     def affects(self, paradigm: str) -> bool:
-        """Whether the swept key can change ``paradigm``'s result: not when it is in a section that only another
-        paradigm reads (``Paradigm.own_sections``)."""
+        """Whether the swept key can change ``paradigm``'s result: not when it is in a section or is a key that only
+        another paradigm reads (``Paradigm.own_sections``, ``Paradigm.own_keys``)."""
         section = self.key.split(".", 1)[0]
-        owners = [name for name in PARADIGMS if section in PARADIGMS.get(name).own_sections]
+        owners = [name for name in PARADIGMS
+                  if section in PARADIGMS.get(name).own_sections or self.key in PARADIGMS.get(name).own_keys]
         return not owners or paradigm in owners
 
 
@@ -69,14 +70,16 @@ class ComparisonPlan:
         keys = [s.key for s in self.sweeps]
         return [dict(zip(keys, combo)) for combo in itertools.product(*(s.values for s in self.sweeps))]
 
+    def relevant(self, paradigm: str, cell: dict[str, str]) -> dict[str, str]:
+        """The cell's settings that can change ``paradigm``'s result (the others are not applied to it)."""
+        return {k: v for k, v in cell.items() if next(s for s in self.sweeps if s.key == k).affects(paradigm)}
+
     def run_label(self, paradigm: str, cell: dict[str, str]) -> str:
-        relevant = [f"{k}={v}" for k, v in cell.items()
-                    if next(s for s in self.sweeps if s.key == k).affects(paradigm)]
-        return ",".join([paradigm, *relevant]).replace("/", "_")
+        return ",".join([paradigm, *(f"{k}={v}" for k, v in self.relevant(paradigm, cell).items())]).replace("/", "_")
 
     def run_config(self, paradigm: str, cell: dict[str, str]) -> RunConfig:
-        sets = [*self.overrides, *(f"{k}={v}" for k, v in cell.items()), f"paradigm={paradigm}",
-                f"name={self.run_label(paradigm, cell)}"]
+        sets = [*self.overrides, *(f"{k}={v}" for k, v in self.relevant(paradigm, cell).items()),
+                f"paradigm={paradigm}", f"name={self.run_label(paradigm, cell)}"]
         try:
             return load_config(self.config, sets)
         except ConfigError as exc:

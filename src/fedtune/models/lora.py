@@ -88,6 +88,15 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def adapter_parameters(model: "PeftModel") -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA parameters keyed as :func:`adapter_state` keys their values (the adapter's name dropped)."""
+    active = model.active_adapter
+    name = active if isinstance(active, str) else active[0]
+    keys = set(_peft_state(model))
+    named = {full.replace(f".{name}", ""): p for full, p in model.named_parameters() if p.requires_grad}
+    return {key: p for key, p in named.items() if key in keys}
+
+
 def save_adapter(model: "PeftModel", folder: Path) -> None:
     """The adapter in PEFT format (``PeftModel.from_pretrained(base, folder)``), its config written with the module
     names sorted: PEFT keeps them in a set, whose order differs from process to process."""

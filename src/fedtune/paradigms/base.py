@@ -35,6 +35,8 @@ class Paradigm:
     exclusive_settings: ClassVar[dict[str, Callable]] = {}
     #: Config sections only this paradigm reads (a ``fedtune compare`` sweep over them reruns only this paradigm).
     own_sections: ClassVar[tuple[str, ...]] = ()
+    #: Config keys of shared sections that only this paradigm reads (the same for a single key).
+    own_keys: ClassVar[tuple[str, ...]] = ()
     #: Keys of a client's turn state (``ClientJob.state``, ``ClientReply.state``) that are the client's own: in a
     #: deployment (``runtime.backend = "flower"``) they stay on the client's machine and never cross the network;
     #: the other keys are the server's instructions for the turn (a pruning rate), sent with it.

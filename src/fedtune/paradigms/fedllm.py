@@ -25,24 +25,38 @@ from fedtune.core.seeding import numpy_rng, seed_torch
 from fedtune.data.formatting import collate
 from fedtune.federated.masked import masked_fedavg
 from fedtune.federated.sampling import local_steps, sample_clients
-from fedtune.federated.strategies import STRATEGIES, ClientUpdate
+from fedtune.federated.strategies import EXTRA, STRATEGIES, ClientUpdate
 from fedtune.models.flops import train_flops
-from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
+from fedtune.models.lora import adapter_parameters, adapter_state, load_adapter_state, trainable_parameters
 from fedtune.models.pruning import MAX_RATE, PruneMask, Pruner, expand_adapter, slice_adapter, state_bytes
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.runtime.base import Capabilities, ClientJob, ClientReply
-from fedtune.training.steps import all_finite, make_optimizer, train_steps, update_norm_failure
+from fedtune.training.steps import (
+    all_finite,
+    load_optimizer_tensors,
+    make_optimizer,
+    optimizer_tensors,
+    train_steps,
+    update_norm_failure,
+)
 from fedtune.training.streams import SampleStream
 
 
 @PARADIGMS.register("fedllm")
 class FedLLM(Paradigm):
     capabilities = Capabilities(client_jobs=True, prunes_clients=True, drops_stragglers=True)
-    private_state = ("stream",)
+    private_state = ("stream", "optimizer", "strategy")
     exclusive_settings = {"pruning.rates applies to paradigm 'fedllm'": lambda cfg: any(cfg.pruning.rates),
+                          "train.keep_optimizer_state applies to paradigm 'fedllm'":
+                              lambda cfg: cfg.train.keep_optimizer_state,
+                          "federation.lora_aggregation applies to paradigm 'fedllm'":
+                              lambda cfg: cfg.federation.lora_aggregation != "factors",
                           "deploy.secure_aggregation applies to paradigm 'fedllm'":
                               lambda cfg: cfg.deploy.secure_aggregation}
     own_sections = ("pruning",)
+    own_keys = ("federation.strategy", "federation.lora_aggregation", "federation.proximal_mu", "federation.server_lr",
+                "federation.server_momentum", "federation.server_betas", "federation.server_eps",
+                "train.keep_optimizer_state")
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -53,6 +67,15 @@ class FedLLM(Paradigm):
                              "give one rate for all clients or one per client")
         if cfg.deploy.secure_aggregation:
             cls._check_secure_aggregation(cfg)
+        fed = cfg.federation
+        needs = ([f"federation.lora_aggregation = {fed.lora_aggregation!r}"] if fed.lora_aggregation != "factors"
+                 else []) + ([f"federation.strategy = {fed.strategy!r}"]
+                             if STRATEGIES.get(fed.strategy).needs_whole_updates else [])
+        pruned = any(rates) or (cfg.network.enabled and cfg.network.rho_max > 0)
+        if needs and (pruned or cfg.deploy.secure_aggregation):
+            raise ValueError(f"{' and '.join(needs)} needs each client's whole update, which pruned clients "
+                             "(pruning.rates, network.rho_max) and a secure sum (deploy.secure_aggregation) do not "
+                             "give the server")
 
     @staticmethod
     def _check_secure_aggregation(cfg) -> None:
@@ -84,6 +107,8 @@ class FedLLM(Paradigm):
         self.pruner = Pruner(ctx.model, method=cfg.pruning.method, targets=cfg.pruning.targets, seed=cfg.seed,
                              calibration=self._calibration_batches, compensate=cfg.pruning.compensate)
         self.pruning_history: dict[int, list[list[float]]] = {}  # client -> [[round, rate], ...] (rounds with pruning)
+        self.optimizer_states: dict[int, dict[str, torch.Tensor]] = {}  # train.keep_optimizer_state: client -> state
+        self.client_strategy_states: dict[int, dict[str, torch.Tensor]] = {}  # e.g. SCAFFOLD's c_i, per client
 
     def _calibration_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The pruning calibration set: ``pruning.calibration_samples`` training samples drawn with the run's seed."""
@@ -126,8 +151,12 @@ class FedLLM(Paradigm):
         rate = self.pruning_rate(round, cid)
         mask = self._client_mask(rate)
         state = {"stream": self.streams[cid].state_dict(), "rate": rate}
+        if cid in self.optimizer_states:
+            state["optimizer"] = self.optimizer_states[cid]
+        if cid in self.client_strategy_states:
+            state["strategy"] = self.client_strategy_states[cid]
         if mask is None:
-            down = Message("global_adapter", self.global_state)
+            down = Message("global_adapter", {**self.global_state, **self.strategy.download_extra(self.global_state)})
         else:
             down = Message("global_adapter", slice_adapter(self.global_state, mask), {"pruning_rate": rate})
             state["mask"] = mask.to_json()  # an instruction, like the rate: a deployed client cannot calibrate
@@ -150,36 +179,50 @@ class FedLLM(Paradigm):
             model, cost = ctx.model, ctx.cost
         else:
             model, cost = self.pruner.build(rate), self.pruner.cost(rate)
-        load_adapter_state(model, job.download.tensors)
+        download = {k: v for k, v in job.download.tensors.items() if not k.startswith(EXTRA)}
+        extra = {k: v for k, v in job.download.tensors.items() if k.startswith(EXTRA)}
+        load_adapter_state(model, download)
         seed_torch(cfg.seed, "client-train", round, cid)
         params = trainable_parameters(model)
         anchors = [p.detach().clone() for p in params]
         optimizer = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
+        keep = cfg.train.keep_optimizer_state
+        if keep and job.state.get("optimizer"):
+            load_optimizer_tensors(optimizer, job.state["optimizer"])  # a pruned client whose rate changed: fresh
         steps = local_steps(cfg, len(stream.indices))
+        side = self.strategy.client_side(extra, job.state.get("strategy"), adapter_parameters(model))
         ctx.progress.start_steps(f"round {round} client {cid}", steps)
         result = train_steps(
             model, optimizer, ctx.batches(stream, steps),
             cost=cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
-            regularizer=lambda: self.strategy.regularizer(params, anchors), on_step=ctx.progress.step,
+            regularizer=lambda: self.strategy.regularizer(params, anchors),
+            before_step=side.before_step if side else None, on_step=ctx.progress.step,
         )
         stats = {"flops": result.flops, "peak_memory": result.peak_memory_bytes, "rate": rate}
         update = adapter_state(model)
-        del model, params, anchors, optimizer  # a pruned copy is not kept
-        state = {"stream": stream.state_dict()}
+        state = {"stream": stream.state_dict(), **({"optimizer": optimizer_tensors(optimizer)} if keep else {})}
+        upload_extra: dict[str, torch.Tensor] = {}
+        if side is not None:
+            upload_extra, state["strategy"] = side.finish()
+        del model, params, anchors, optimizer, side  # a pruned copy is not kept
         failure = result.failure or (None if all_finite(update) else "non-finite adapter weights")
-        failure = failure or update_norm_failure(update, job.download.tensors, cfg.train.max_update_ratio)
+        failure = failure or update_norm_failure(update, download, cfg.train.max_update_ratio)
         if failure:
             return ClientReply(cid, Message("client_failure", meta={"reason": failure}), state,
                                {**stats, "failure": failure})
         meta = {"num_samples": len(stream.indices), "train_loss": result.mean_loss}
         if mask is not None:
             meta["pruning_rate"] = rate
-        return ClientReply(cid, Message("client_update", update, meta), state, stats)
+        return ClientReply(cid, Message("client_update", {**update, **upload_extra}, meta), state, stats)
 
     def _accept(self, reply: ClientReply) -> tuple[ClientUpdate | None, dict]:
         """Driver side of a reply: the client's new state, and its update (None with stats["failure"] if rejected)."""
         cid, up = reply.client, reply.upload
         self.streams[cid].load_state_dict(reply.state["stream"])
+        if "optimizer" in reply.state:
+            self.optimizer_states[cid] = reply.state["optimizer"]
+        if "strategy" in reply.state:
+            self.client_strategy_states[cid] = reply.state["strategy"]
         stats = {**reply.stats, "mask": self._client_mask(reply.stats["rate"])}
         if up.kind == "client_failure":
             return None, {**stats, "failure": up.meta["reason"]}
@@ -293,6 +336,8 @@ class FedLLM(Paradigm):
             "strategy": self.strategy.state_dict(),
             "streams": [s.state_dict() for s in self.streams],
             **({"pruning_history": self.pruning_history} if self.pruning_history else {}),
+            **({"optimizer_states": self.optimizer_states} if self.optimizer_states else {}),
+            **({"client_strategy_states": self.client_strategy_states} if self.client_strategy_states else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -302,3 +347,5 @@ class FedLLM(Paradigm):
         for stream, s in zip(self.streams, state["streams"], strict=True):
             stream.load_state_dict(s)
         self.pruning_history = {int(c): [list(x) for x in h] for c, h in state.get("pruning_history", {}).items()}
+        self.optimizer_states = {int(c): dict(s) for c, s in state.get("optimizer_states", {}).items()}
+        self.client_strategy_states = {int(c): dict(s) for c, s in state.get("client_strategy_states", {}).items()}

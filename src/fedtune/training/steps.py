@@ -66,6 +66,31 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat CPU tensors keyed ``"<parameter index>.<name>"`` (AdamW: step,
+    exp_avg, exp_avg_sq): what a client keeps from one turn to its next."""
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{index}.{name}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> bool:
+    """Load what :func:`optimizer_tensors` saved. False, loading nothing, when it does not fit the parameters (a
+    pruned client whose rate changed trains differently shaped LoRA weights)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    fits = all(0 <= i < len(params) and all(name == "step" or value.shape == params[i].shape
+                                            for name, value in s.items()) for i, s in state.items())
+    if fits:
+        optimizer.load_state_dict({**optimizer.state_dict(), "state": state})
+    return fits
+
+
 def guarded_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> str | None:
     """Clip the gradients to ``max_grad_norm`` (when set) and take the optimizer step, unless their norm is not
     finite: then the step is skipped and the reason returned (the caller zeroes the gradients either way)."""
@@ -87,9 +112,11 @@ def train_steps(
     device: torch.device,
     max_grad_norm: float | None,
     regularizer: Callable[[], torch.Tensor | None] | None = None,
+    before_step: Callable[[], None] | None = None,
     on_step: Callable[[float], None] | None = None,
 ) -> TrainResult:
-    """One optimizer step per batch. Stops at the first non-finite loss or gradient and says so."""
+    """One optimizer step per batch. Stops at the first non-finite loss or gradient and says so. ``before_step``
+    runs after each backward pass, before clipping and the step (it may read and change the gradients)."""
     result = TrainResult()
     meter = MemoryMeter(device)
     model.train()
@@ -106,6 +133,8 @@ def train_steps(
             if extra is not None:
                 total = loss + extra
             total.backward()
+        if before_step:
+            before_step()
         failure = guarded_step(optimizer, max_grad_norm)
         if failure:
             result.failure = f"{failure} at step {result.steps + 1}"
