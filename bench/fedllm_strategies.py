@@ -13,6 +13,7 @@ Dirichlet alpha 0.1 over restaurant names), each into its own run directory unde
                          not averaged (with small local steps, K clients' 3-step changes add up to what
                          centralized's 3K sequential steps do; the mean advances only as far as one client)
     fedadam, fedyogi     adaptive server optimizers at their default server lr (0.01)
+    scaffold             control variates correcting each local gradient by c - c_i
 
 Goals (issue 21): the best FedLLM setting within 1.05 x centralized's eval loss under Dirichlet alpha 0.1 and
 within 1.02 x under IID. A finished run directory of the same configuration is reused, a checkpointed one resumed.
@@ -52,6 +53,7 @@ def variant_sets(clients_per_round: int) -> dict[str, list[str]]:
                         f"federation.server_lr={clients_per_round}"],
         "fedadam": ["paradigm=fedllm", "federation.strategy=fedadam"],
         "fedyogi": ["paradigm=fedllm", "federation.strategy=fedyogi"],
+        "scaffold": ["paradigm=fedllm", "federation.strategy=scaffold"],
     }
 
 
