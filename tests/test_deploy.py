@@ -128,10 +128,12 @@ def _check_secure(deployed: Path, simulated: Path) -> None:
 
 def test_fedllm_and_split_deployed_equal_simulated_even_after_the_serverapp_is_killed(lab, tiny_config):
     """Four deployed runs at once on the same SuperNodes (they share the clients' data): FedLLM with the JCPBA
-    planner's pruning rates, whose ServerApp is killed after its first checkpoint and resumed, FedLLM with SecAgg+, split standard
+    planner's pruning rates and the clients' optimizer state kept across rounds, whose ServerApp is killed after its first checkpoint and resumed, FedLLM with SecAgg+, split standard
     and U-shape with SplitCom. Each equals its simulated twin (SecAgg+: to its quantisation)."""
     planned = ("network.planner=jcpba", "devices.profiles=['phone', 'jetson', 'laptop']")  # rates per round
-    fed_sim, fed_app = _prepare(lab, tiny_config("federation.rounds=3", *planned, "name=fedllm-deployed"), "fedllm")
+    kept = "train.keep_optimizer_state=true"  # each client's AdamW state: its own, kept on its SuperNode
+    fed_sim, fed_app = _prepare(lab, tiny_config("federation.rounds=3", *planned, kept, "name=fedllm-deployed"),
+                                "fedllm")
     splits = {name: _prepare(lab, tiny_config("paradigm=split", *variant, "federation.rounds=2", f"name={name}"),
                              name, with_data=False) for name, variant in SPLIT_VARIANTS.items()}
     secure_sim, secure_app = _prepare_secure(lab, tiny_config)
