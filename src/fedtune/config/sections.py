@@ -50,6 +50,26 @@ class LoraConfig(Section):
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; default: PEFT's default for the architecture (attention q/v)."
     )
+    ranks: list[int] = Field(default_factory=list, description="FedLLM: one LoRA rank per client (each at most r, "
+                             "the global rank); empty: every client trains rank r, unless profile_ranks applies.")
+    profile_ranks: dict[str, int] = Field(default_factory=dict, description="FedLLM: LoRA rank per device profile "
+                                          "name (e.g. {phone = 2, laptop = 8}): a client whose devices.profiles entry "
+                                          "is listed trains that rank, the others rank r.")
+    rank_aggregation: Annotated[str, registered("fedtune.federated.ranks:RANK_AGGREGATIONS")] = Field(
+        "flexlora", description="How clients of different ranks are aggregated: 'zero_pad' (naive), 'hetlora' "
+        "(zero-pad, per-component, norm-weighted, rank self-pruning), 'flexlora' (mean of the full-size updates, "
+        "truncated SVD) or 'flora' (exact stacking, re-factorised to r each round).")
+    self_prune_share: float = Field(0.01, ge=0, lt=1, description="hetlora: a client drops trailing rank components "
+                                    "that carry less than this share of its update (0: never).")
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "LoraConfig":
+        if self.ranks and self.profile_ranks:
+            raise ValueError("set lora.ranks or lora.profile_ranks, not both")
+        for rank in [*self.ranks, *self.profile_ranks.values()]:
+            if not 1 <= rank <= self.r:
+                raise ValueError(f"lora client rank {rank} outside 1..{self.r} (lora.r, the global rank)")
+        return self
 
 
 class DataConfig(Section):

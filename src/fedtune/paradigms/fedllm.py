@@ -24,6 +24,16 @@ from fedtune.core.errors import FedtuneError
 from fedtune.core.seeding import numpy_rng, seed_torch
 from fedtune.data.formatting import collate
 from fedtune.federated.masked import masked_fedavg
+from fedtune.federated.ranks import (
+    RANK_AGGREGATIONS,
+    check_ranks,
+    client_rank,
+    client_ranks,
+    from_global,
+    into_container,
+    out_of_container,
+    upload_at_own_rank,
+)
 from fedtune.federated.sampling import local_steps, sample_clients
 from fedtune.federated.strategies import EXTRA, STRATEGIES, ClientUpdate
 from fedtune.models.flops import train_flops
@@ -51,12 +61,15 @@ class FedLLM(Paradigm):
                               lambda cfg: cfg.train.keep_optimizer_state,
                           "federation.lora_aggregation applies to paradigm 'fedllm'":
                               lambda cfg: cfg.federation.lora_aggregation != "factors",
+                          "lora.ranks and lora.profile_ranks apply to paradigm 'fedllm'":
+                              lambda cfg: bool(cfg.lora.ranks or cfg.lora.profile_ranks),
                           "deploy.secure_aggregation applies to paradigm 'fedllm'":
                               lambda cfg: cfg.deploy.secure_aggregation}
     own_sections = ("pruning",)
     own_keys = ("federation.strategy", "federation.lora_aggregation", "federation.proximal_mu", "federation.server_lr",
                 "federation.server_momentum", "federation.server_betas", "federation.server_eps",
-                "train.keep_optimizer_state")
+                "train.keep_optimizer_state", "lora.ranks", "lora.profile_ranks", "lora.rank_aggregation",
+                "lora.self_prune_share")
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -67,6 +80,7 @@ class FedLLM(Paradigm):
                              "give one rate for all clients or one per client")
         if cfg.deploy.secure_aggregation:
             cls._check_secure_aggregation(cfg)
+        check_ranks(cfg)
         fed = cfg.federation
         needs = ([f"federation.lora_aggregation = {fed.lora_aggregation!r}"] if fed.lora_aggregation != "factors"
                  else []) + ([f"federation.strategy = {fed.strategy!r}"]
@@ -109,6 +123,9 @@ class FedLLM(Paradigm):
         self.pruning_history: dict[int, list[list[float]]] = {}  # client -> [[round, rate], ...] (rounds with pruning)
         self.optimizer_states: dict[int, dict[str, torch.Tensor]] = {}  # train.keep_optimizer_state: client -> state
         self.client_strategy_states: dict[int, dict[str, torch.Tensor]] = {}  # e.g. SCAFFOLD's c_i, per client
+        self.initial_ranks = client_ranks(cfg)
+        self.ranks = list(self.initial_ranks)  # a hetlora client may prune its own rank
+        self.heterogeneous = any(r != cfg.lora.r for r in self.ranks)
 
     def _calibration_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The pruning calibration set: ``pruning.calibration_samples`` training samples drawn with the run's seed."""
@@ -155,7 +172,12 @@ class FedLLM(Paradigm):
             state["optimizer"] = self.optimizer_states[cid]
         if cid in self.client_strategy_states:
             state["strategy"] = self.client_strategy_states[cid]
-        if mask is None:
+        rank, global_rank = self.ranks[cid], self.ctx.cfg.lora.r
+        if self.heterogeneous:
+            state["rank"] = rank
+        if rank < global_rank:
+            down = Message("global_adapter", from_global(self.global_state, rank, global_rank), {"rank": rank})
+        elif mask is None:
             down = Message("global_adapter", {**self.global_state, **self.strategy.download_extra(self.global_state)})
         else:
             down = Message("global_adapter", slice_adapter(self.global_state, mask), {"pruning_rate": rate})
@@ -181,7 +203,8 @@ class FedLLM(Paradigm):
             model, cost = self.pruner.build(rate), self.pruner.cost(rate)
         download = {k: v for k, v in job.download.tensors.items() if not k.startswith(EXTRA)}
         extra = {k: v for k, v in job.download.tensors.items() if k.startswith(EXTRA)}
-        load_adapter_state(model, download)
+        rank = job.state.get("rank", cfg.lora.r)
+        load_adapter_state(model, into_container(download, cfg.lora.r) if rank < cfg.lora.r else download)
         seed_torch(cfg.seed, "client-train", round, cid)
         params = trainable_parameters(model)
         anchors = [p.detach().clone() for p in params]
@@ -192,14 +215,17 @@ class FedLLM(Paradigm):
         steps = local_steps(cfg, len(stream.indices))
         side = self.strategy.client_side(extra, job.state.get("strategy"), adapter_parameters(model))
         ctx.progress.start_steps(f"round {round} client {cid}", steps)
-        result = train_steps(
-            model, optimizer, ctx.batches(stream, steps),
-            cost=cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
-            regularizer=lambda: self.strategy.regularizer(params, anchors),
-            before_step=side.before_step if side else None, on_step=ctx.progress.step,
-        )
+        with client_rank(model, rank):  # PEFT's alpha / r of the client's own rank (a no-op at the global rank)
+            result = train_steps(
+                model, optimizer, ctx.batches(stream, steps),
+                cost=cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
+                regularizer=lambda: self.strategy.regularizer(params, anchors),
+                before_step=side.before_step if side else None, on_step=ctx.progress.step,
+            )
         stats = {"flops": result.flops, "peak_memory": result.peak_memory_bytes, "rate": rate}
         update = adapter_state(model)
+        if rank < cfg.lora.r:
+            update = out_of_container(update, rank)
         state = {"stream": stream.state_dict(), **({"optimizer": optimizer_tensors(optimizer)} if keep else {})}
         upload_extra: dict[str, torch.Tensor] = {}
         if side is not None:
@@ -211,6 +237,8 @@ class FedLLM(Paradigm):
             return ClientReply(cid, Message("client_failure", meta={"reason": failure}), state,
                                {**stats, "failure": failure})
         meta = {"num_samples": len(stream.indices), "train_loss": result.mean_loss}
+        if "rank" in job.state:
+            update, meta["rank"] = upload_at_own_rank(update, rank, cfg.lora)
         if mask is not None:
             meta["pruning_rate"] = rate
         return ClientReply(cid, Message("client_update", {**update, **upload_extra}, meta), state, stats)
@@ -226,6 +254,8 @@ class FedLLM(Paradigm):
         stats = {**reply.stats, "mask": self._client_mask(reply.stats["rate"])}
         if up.kind == "client_failure":
             return None, {**stats, "failure": up.meta["reason"]}
+        if "rank" in up.meta:
+            self.ranks[cid] = int(up.meta["rank"])
         return ClientUpdate(cid, up.meta["num_samples"], up.tensors, up.meta["train_loss"]), stats
 
     def train_client(self, round: int, cid: int) -> tuple[ClientUpdate | None, dict]:
@@ -277,6 +307,12 @@ class FedLLM(Paradigm):
                                                             [ClientUpdate(-1, total, mean, float("nan"))])
             elif masks:
                 self.global_state = self._aggregate_pruned(updates, masks)
+            elif self.heterogeneous:
+                cfg = self.ctx.cfg
+                mean = RANK_AGGREGATIONS.get(cfg.lora.rank_aggregation)(
+                    self.global_state, [(u, self.ranks[u.client]) for u in updates], cfg.lora.r, cfg.lora.alpha)
+                self.global_state = self.strategy.aggregate(self.global_state,
+                                                            [ClientUpdate(-1, total, mean, float("nan"))])
             else:
                 self.global_state = self.strategy.aggregate(self.global_state, updates)
             out.train_loss = sum(u.train_loss * u.num_samples for u in updates) / total
@@ -310,8 +346,14 @@ class FedLLM(Paradigm):
     def summary_extra(self) -> dict:
         """With pruning: each client's rates per round, and per rate the measured adapter bytes, block weights,
         LoRA weights and training FLOPs per token (at ``data.max_length``) of the model a client trains."""
+        extra: dict = {}
+        if self.heterogeneous:
+            extra["clients"] = {cid: {"lora_rank": r, "lora_rank_final": self.ranks[cid]}
+                                for cid, r in enumerate(self.initial_ranks)}
+            lora = self.ctx.cfg.lora
+            extra["lora_ranks"] = {"aggregation": lora.rank_aggregation, "global_rank": lora.r}
         if not self.pruning_history:
-            return {}
+            return extra
         seq = self.ctx.cfg.data.max_length
         by_rate = {}
         for rate in sorted({0.0} | {r for h in self.pruning_history.values() for _, r in h}):
@@ -324,7 +366,7 @@ class FedLLM(Paradigm):
                 "lora_params": sum(cost.block_trainable), "train_flops_per_token": train_flops(cost, 1, seq),
             }
         cfg = self.ctx.cfg.pruning
-        return {"pruning": {"method": cfg.method, "targets": cfg.targets, "by_rate": by_rate},
+        return {**extra, "pruning": {"method": cfg.method, "targets": cfg.targets, "by_rate": by_rate},
                 "clients": {cid: {"pruning_rates": h} for cid, h in self.pruning_history.items()}}
 
     def load_global(self) -> None:
@@ -338,6 +380,7 @@ class FedLLM(Paradigm):
             **({"pruning_history": self.pruning_history} if self.pruning_history else {}),
             **({"optimizer_states": self.optimizer_states} if self.optimizer_states else {}),
             **({"client_strategy_states": self.client_strategy_states} if self.client_strategy_states else {}),
+            **({"ranks": self.ranks} if self.heterogeneous else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -349,3 +392,4 @@ class FedLLM(Paradigm):
         self.pruning_history = {int(c): [list(x) for x in h] for c, h in state.get("pruning_history", {}).items()}
         self.optimizer_states = {int(c): dict(s) for c, s in state.get("optimizer_states", {}).items()}
         self.client_strategy_states = {int(c): dict(s) for c, s in state.get("client_strategy_states", {}).items()}
+        self.ranks = [int(r) for r in state.get("ranks", self.initial_ranks)]
