@@ -34,3 +34,20 @@ def tiny_config():
         return load_config(TINY, list(overrides))
 
     return make
+
+
+def crash_and_resume(monkeypatch, paradigm_cls, make_runner, crash_round: int = 3) -> dict:
+    """Run ``make_runner()`` with ``paradigm_cls.run_round`` interrupted in ``crash_round`` (after the previous
+    round's checkpoint), then resume a fresh ``make_runner()`` in the same directory; its summary."""
+    real = paradigm_cls.run_round
+
+    def crash(self, round):
+        if round == crash_round:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, round)
+
+    monkeypatch.setattr(paradigm_cls, "run_round", crash)
+    with pytest.raises(KeyboardInterrupt):
+        make_runner().run()
+    monkeypatch.setattr(paradigm_cls, "run_round", real)
+    return make_runner().run(resume=True)

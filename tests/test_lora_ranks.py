@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import crash_and_resume
 from models_helpers import tiny
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -174,17 +175,6 @@ def test_resume_keeps_the_self_pruned_ranks(tmp_path, tiny_config, monkeypatch):
     args = (*FAST, "federation.rounds=3", "lora.ranks=[2, 4, 8]", "lora.rank_aggregation='hetlora'",
             "lora.self_prune_share=0.2")
     full = Runner(tiny_config(*args), tmp_path / "full").run()
-    real = FedLLM.run_round
-
-    def crash_in_round_3(self, round):
-        if round == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(self, round)
-
-    monkeypatch.setattr(FedLLM, "run_round", crash_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        Runner(tiny_config(*args), tmp_path / "crashed").run()
-    monkeypatch.setattr(FedLLM, "run_round", real)
-    resumed = Runner(tiny_config(*args), tmp_path / "crashed").run(resume=True)
+    resumed = crash_and_resume(monkeypatch, FedLLM, lambda: Runner(tiny_config(*args), tmp_path / "crashed"))
     assert resumed["final"] == full["final"] and resumed["clients"] == full["clients"]
     assert any(c["lora_rank_final"] < c["lora_rank"] for c in full["clients"])  # someone pruned

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import crash_and_resume
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -12,7 +13,13 @@ from fedtune.config import FederationConfig
 from fedtune.core.errors import ConfigError
 from fedtune.engine.compare import Sweep
 from fedtune.engine.runner import Runner
-from fedtune.federated.strategies import EXTRA, STRATEGIES, ClientUpdate, GradientCorrection, refactorize
+from fedtune.federated.strategies import (
+    EXTRA,
+    STRATEGIES,
+    ClientUpdate,
+    GradientCorrection,
+    refactorize,
+)
 from fedtune.models.loading import load_model
 
 A, B = "layers.0.q_proj.lora_A.weight", "layers.0.q_proj.lora_B.weight"
@@ -217,16 +224,5 @@ def test_resume_keeps_the_clients_optimizer_and_the_server_state(tmp_path, tiny_
     from fedtune.paradigms.fedllm import FedLLM
 
     full = _run(tmp_path, tiny_config, "full", *args)
-    real = FedLLM.run_round
-
-    def crash_in_round_3(self, round):
-        if round == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(self, round)
-
-    monkeypatch.setattr(FedLLM, "run_round", crash_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, tiny_config, "crashed", *args)
-    monkeypatch.setattr(FedLLM, "run_round", real)
-    resumed = Runner(tiny_config(*FAST, *args), tmp_path / "crashed").run(resume=True)
+    resumed = crash_and_resume(monkeypatch, FedLLM, lambda: Runner(tiny_config(*FAST, *args), tmp_path / "crashed"))
     assert resumed["final"] == full["final"] and resumed["comm"] == full["comm"]
