@@ -70,7 +70,7 @@ BUDGET_DEFAULTS = [f"compression.{k}={BudgetSettings.model_fields[k].default}" f
 OFF = ["compression.method=none", "compression.codec=none", "compression.residual=false", "compression.entropy=none",
        "compression.adapter_codec=none", "compression.adapter_download_codec=none", "compression.per_interface={}",
        "compression.error_feedback=false", "compression.controller=fixed", "compression.thresholds={}",
-       *BUDGET_DEFAULTS]
+       "compression.resend_budget=none", *BUDGET_DEFAULTS]
 VARIANT_SETS: dict[str, list[str]] = {
     "vanilla": OFF,
     "reuse": [*OFF, "compression.method=splitcom"],
