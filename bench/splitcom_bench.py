@@ -13,6 +13,7 @@ model, data, samples, rounds and seed, each into its own run directory under --o
     residual       shipped, changed samples sent as residuals against the held copy (error feedback)
     one-theta      shipped without per-interface thresholds (U-shape: the body output at theta 0.999 too)
     tgrad-int4     U-shape shipped with the tail gradients in topk-int4 instead of topk-int2
+    fixed          shipped with the fixed threshold controller (theta = compression.theta)
     bangbang       shipped with the bang-bang threshold controller
     ddpg           shipped with the DDPG threshold controller
     budget         shipped with the budget controller (each session sends compression.byte_budget of its bytes)
@@ -45,13 +46,14 @@ from typing import Any
 
 from variant_runs import Outcome, VariantRunner, add_run_arguments, labels_with, num_layers, publish
 
+from fedtune.compression.budget import BudgetSettings
 from fedtune.config import load_config
 from fedtune.core.errors import FedtuneError
 
 SHAPES = ("standard", "ushape")
 SHAPE_TITLES = {"standard": "standard split", "ushape": "U-shape split"}
 VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "residual", "one-theta", "tgrad-int4",
-            "bangbang", "ddpg", "budget")
+            "fixed", "bangbang", "ddpg", "budget")
 MB = 1e6
 LOSS_TOLERANCE_PCT = 1.0  # "within 1 % of vanilla"
 METRIC_TOLERANCE_POINTS = 1.0  # "the task metric within 1 point of vanilla"
@@ -61,10 +63,14 @@ TARGETS = {  # shape -> (summary key under comm, label, target reduction %)
 }
 IFACE_SHORT = {"activations": "act", "body_output": "out", "tail_gradients": "tgrad", "gradients": "grad"}
 
+#: The budget controller's knobs at their defaults: a run with reuse off reads none of them, so one vanilla run
+#: serves shipped configs that differ only there.
+BUDGET_DEFAULTS = [f"compression.{k}={BudgetSettings.model_fields[k].default}" for k in ("byte_budget", "budget_gain")]
 #: Every compression stage off: vanilla's overrides, and the start of the variants that take stages away.
 OFF = ["compression.method=none", "compression.codec=none", "compression.residual=false", "compression.entropy=none",
        "compression.adapter_codec=none", "compression.adapter_download_codec=none", "compression.per_interface={}",
-       "compression.error_feedback=false", "compression.controller=fixed", "compression.thresholds={}"]
+       "compression.error_feedback=false", "compression.controller=fixed", "compression.thresholds={}",
+       "compression.resend_budget=none", *BUDGET_DEFAULTS]
 VARIANT_SETS: dict[str, list[str]] = {
     "vanilla": OFF,
     "reuse": [*OFF, "compression.method=splitcom"],
@@ -74,6 +80,7 @@ VARIANT_SETS: dict[str, list[str]] = {
     "residual": ["compression.residual=true"],
     "one-theta": ["compression.thresholds={}"],
     "tgrad-int4": ["compression.per_interface.tail_gradients.codec=topk-int4"],
+    "fixed": ["compression.controller=fixed"],
     "bangbang": ["compression.controller=bangbang"],
     "ddpg": ["compression.controller=ddpg"],
     "budget": ["compression.controller=budget"],

@@ -53,7 +53,7 @@ DDPG_INT8 = ("compression.controller=ddpg", "compression.theta_min=0.5", "compre
              "compression.codec=int8", "compression.residual=true")
 # configs/splitcom-ushape.toml's stages beyond reuse: the gradients sent every step with error feedback (the tail
 # gradients' state on the client, the cut gradients' on the server), zstd frames, coded LoRA downloads and uploads
-STACK = ("compression.entropy=zstd", "compression.adapter_codec=int4", "compression.adapter_download_codec=int8",
+STACK = ("compression.resend_budget=0.05", "compression.entropy=zstd", "compression.adapter_codec=int4", "compression.adapter_download_codec=int8",
          "compression.per_interface={tail_gradients={reuse=false,codec='topk-int2',error_feedback=true},"
          "gradients={reuse=false,codec='int2',error_feedback=true}}")
 

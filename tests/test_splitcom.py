@@ -54,6 +54,28 @@ def test_first_sight_is_sent_unchanged_is_reused_changed_is_sent(tmp_path):
     assert iface.counts.by_epoch[1] == [1, 3]
 
 
+def test_a_resend_budget_caps_resends_least_similar_first_and_carries_its_credit(tmp_path):
+    iface = _iface(tmp_path, codec="int8", resend_budget=0.1)
+    x, mask = _batch(lengths=(6, 6, 6))
+    first, _ = iface.send(0, [1, 2, 3], x, mask, {}, theta=0.999, epoch=0)
+    assert first.tensors["sent"].tolist() == [True, True, True]  # first sends are free
+    cost = iface._resend_cost(x[0, :6])  # int8: a quarter of float32, plus scales
+    credit = 0.1 * 3 * 6 * D * 4  # the budget's share of the batch, float32
+    assert iface.sender._credit(0) == pytest.approx(credit)
+    moved = x.clone()
+    moved[0] += 0.05 * torch.randn_like(x[0])  # a little changed
+    moved[2] = torch.randn_like(x[2])  # changed most
+    moved[1] += 0.5 * torch.randn_like(x[1])
+    second, _ = iface.send(0, [1, 2, 3], moved, mask, {}, theta=0.999, epoch=1)
+    credit = credit * 2
+    affordable = int(credit // cost)
+    assert 1 <= affordable < 3
+    sent = second.tensors["sent"].tolist()
+    assert sum(sent) == affordable and sent[2]  # the least similar first
+    assert iface.sender._credit(0) == pytest.approx(credit - affordable * cost)
+    assert iface.sender._credit(1) == 0.0  # per client
+
+
 def test_theta_above_one_always_sends_and_a_different_client_has_its_own_cache(tmp_path):
     iface = _iface(tmp_path)
     x, mask = _batch()
@@ -350,7 +372,7 @@ def test_resume_with_caches_and_ddpg_state(tmp_path, tiny_config, monkeypatch, s
             "compression.codec='int8'", "compression.theta_min=0.5")
     if stack:
         args = (*STACK, "split.ushape=true", "split.cut=1", "compression.controller='ddpg'",
-                "compression.theta_min=0.5")
+                "compression.theta_min=0.5", "compression.resend_budget=0.05")
     full = _run(tmp_path, tiny_config, "full", *args)
     real = SplitFed.run_round
 

@@ -12,6 +12,7 @@ from fedtune.comm.split_interfaces import SPLIT_INTERFACES as INTERFACES
 from fedtune.comm.split_interfaces import USHAPE_ONLY
 from fedtune.compression.controllers import SessionObservation, make_controller
 from fedtune.compression.interfaces import Interface, InterfaceSettings
+from fedtune.compression.reuse import CREDIT
 from fedtune.compression.store import TensorStore
 from fedtune.core.seeding import derive_seed
 
@@ -52,7 +53,8 @@ class SplitChannels:
             kind=name, field=INTERFACES[name][0], codec=pick("codec") if on else "none", reuse=reuse,
             metric=c.metric, projection_dim=c.projection_dim, cache_dtype=getattr(torch, c.cache_dtype),
             receiver_budget_bytes=budget, residual=on and reuse and pick("residual"),
-            error_feedback=on and not reuse and pick("error_feedback"), entropy=c.entropy if on else "none")
+            error_feedback=on and not reuse and pick("error_feedback"), entropy=c.entropy if on else "none",
+            resend_budget=c.resend_budget if reuse else None)
 
     def __getitem__(self, name: str) -> Interface:
         return self.ifaces[name]
@@ -95,6 +97,7 @@ class SplitChannels:
                 out[f"{name}.projections"] = iface.sender.projections
                 if iface.sender.held is not None:
                     out[f"{name}.held"] = iface.sender.held
+                out[f"{name}.credit"] = iface.sender.credit
             else:
                 out[f"{name}.received"] = iface.receiver.store
         for name, iface in self.ifaces.items():
@@ -105,7 +108,8 @@ class SplitChannels:
     def export_caches(self, side: str, client: int | None = None, samples: set[int] | None = None) -> dict:
         """``side``'s cache entries (of ``client``, of its ``samples``, when given) as store states."""
         def wanted(key: tuple) -> bool:
-            return (client is None or key[0] == client) and (samples is None or key[1] in samples)
+            in_samples = samples is None or key[1] in samples or key[1] == CREDIT  # the credit travels with them
+            return (client is None or key[0] == client) and in_samples
 
         return {name: store.state_dict(wanted) for name, store in self._stores(side).items()}
 

@@ -36,6 +36,7 @@ class InterfaceSettings:
     residual: bool = False
     error_feedback: bool = False  # only without reuse (a residual against the held copy feeds back already)
     entropy: str = "none"  # "zstd": the whole message as one zstd frame
+    resend_budget: float | None = None  # re-sends capped at this share of the uncompressed bytes (a credit)
 
 
 @dataclass
@@ -91,7 +92,8 @@ class Interface:
         rows = [x[i, :n] for i, n in enumerate(lengths)]
         keys = [(client, sid) for sid in sample_ids]
         if self.sender is not None:
-            decision = self.sender.decide(keys, rows, theta)
+            decision = self.sender.decide(keys, rows, theta, self._resend_cost if self.s.resend_budget else None,
+                                          self.s.resend_budget)
         else:
             decision = None
         sent = decision.sent if decision else [True] * len(rows)
@@ -118,6 +120,10 @@ class Interface:
         if self.s.entropy == "zstd":
             tensors = entropy.pack(tensors)
         return Message(self.s.kind, tensors), plain
+
+    def _resend_cost(self, row: torch.Tensor) -> int:
+        """The coded bytes of one sample's rows, before entropy coding (zstd only shrinks them)."""
+        return sum(t.numel() * t.element_size() for t in self.codec.encode(row).values())
 
     def _remember(self, keys: list, wire_rows: list[torch.Tensor], meant: list[torch.Tensor],
                   references: list[torch.Tensor | None], decoded: torch.Tensor) -> None:

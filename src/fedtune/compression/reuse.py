@@ -24,6 +24,7 @@ from fedtune.compression.store import TensorStore
 from fedtune.core.registry import Registry
 
 Key = tuple[int, int]  # (client, sample id)
+CREDIT = -1  # the sample id under which a client's re-send credit (compression.resend_budget) is kept
 
 
 class Projector:
@@ -73,15 +74,32 @@ class ReuseSender:
         self.metric = metric
         self.projections = TensorStore(torch.float32, None, spill_dir)
         self.held = TensorStore(held_dtype, None, spill_dir) if residual else None
+        self.credit = TensorStore(torch.float32, None, spill_dir)  # resend budget: (client, CREDIT) -> [bytes]
 
-    def decide(self, keys: list[Key], rows: list[torch.Tensor], theta: float) -> BatchDecision:
-        sent, residual = [], []
-        for key, x in zip(keys, rows):
-            known = key in self.projections
-            skip = known and similarity(self.metric, self.projector(x), self.projections.get(key)) >= theta
-            sent.append(not skip)
-            residual.append(bool(not skip and known and self.held is not None))
-        return BatchDecision(sent, residual)
+    def decide(self, keys: list[Key], rows: list[torch.Tensor], theta: float,
+               cost: Callable[[torch.Tensor], int] | None = None, budget: float | None = None) -> BatchDecision:
+        """Which samples to send: the new ones, and those whose similarity to what was last sent is below
+        ``theta``. With a ``budget`` (a share of the uncompressed bytes) the client's credit grows by that share of
+        the batch's bytes and the changed samples are re-sent least similar first while it covers their ``cost``."""
+        scores = [similarity(self.metric, self.projector(x), self.projections.get(key)) if key in self.projections
+                  else None for key, x in zip(keys, rows)]
+        send = [s is None or s < theta for s in scores]
+        if budget is not None and cost is not None and keys:
+            client = keys[0][0]
+            credit = self._credit(client) + budget * sum(x.numel() * 4 for x in rows)  # float32 uncompressed
+            for i in sorted((i for i, s in enumerate(scores) if s is not None and send[i]), key=lambda i: scores[i]):
+                price = cost(rows[i])
+                if price <= credit:
+                    credit -= price
+                else:
+                    send[i] = False
+            self.credit.put((client, CREDIT), torch.tensor([[credit]], dtype=torch.float32))
+        residual = [bool(sent and s is not None and self.held is not None) for sent, s in zip(send, scores)]
+        return BatchDecision(send, residual)
+
+    def _credit(self, client: int) -> float:
+        key = (client, CREDIT)
+        return float(self.credit.get(key)[0, 0]) if key in self.credit else 0.0
 
     def reference(self, key: Key) -> torch.Tensor:
         return self.held.get(key).float()
@@ -94,10 +112,12 @@ class ReuseSender:
 
     def state_dict(self) -> dict:
         return {"projections": self.projections.state_dict(),
-                "held": self.held.state_dict() if self.held is not None else {}}
+                "held": self.held.state_dict() if self.held is not None else {},
+                "credit": self.credit.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.projections.load_state_dict(state["projections"])
+        self.credit.load_state_dict(state.get("credit", {}))
         if self.held is not None:
             self.held.load_state_dict(state["held"])
 

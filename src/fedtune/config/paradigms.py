@@ -97,6 +97,12 @@ class CompressionConfig(OwnedKeysSection):
                             "'ddpg', 'linear' (a schedule from theta to theta_end over the run), 'budget' (theta moved so each "
                             "session sends byte_budget of its uncompressed bytes).")
     theta: float = Field(0.999, ge=0, le=1, description="Threshold (fixed), and the start for ddpg and linear.")
+    resend_budget: float | None = Field(None, gt=0, le=1, description="A cap on what a reusing interface re-sends: "
+                                        "each client's sender earns this share of every batch's uncompressed bytes as "
+                                        "credit, and re-sends the changed samples (below theta), least similar first, "
+                                        "only while the credit covers their coded size (before entropy coding); "
+                                        "unspent credit carries over. A sample's first send is free. none: theta "
+                                        "alone decides.")
     thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=dict, description="Per-interface fixed thresholds overriding theta.")
 
