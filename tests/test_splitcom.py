@@ -129,7 +129,8 @@ def test_a_sides_caches_travel_by_client_and_a_lost_sessions_go_back(tmp_path, t
     session(1, 0.0)
     client0 = ch.export_caches("client", 0)
     def stores(sends: tuple[str, str], receives: tuple[str, str]) -> set[str]:
-        return {f"{n}.{s}" for n in sends for s in ("projections", "held")} | {f"{n}.received" for n in receives}
+        return {f"{n}.{s}" for n in sends for s in ("projections", "held", "credit")} | {f"{n}.received"
+                                                                                        for n in receives}
 
     assert set(client0) == stores(("activations", "tail_gradients"), ("body_output", "gradients"))
     assert set(ch.export_caches("server")) == stores(("body_output", "gradients"), ("activations", "tail_gradients"))
