@@ -10,6 +10,7 @@ model, data, samples, rounds and seed, each into its own run directory under --o
     reuse+int8     reuse, uploads int8 per token (the best of fedtune before issue 20)
     shipped        the configuration as shipped
     shipped-zstd   shipped without entropy coding (what zstd adds)
+    no-reuse       shipped without reuse: every sample sent every step, coded (what the codecs alone cost in quality)
     residual       shipped, changed samples sent as residuals against the held copy (error feedback)
     one-theta      shipped without per-interface thresholds (U-shape: the body output at theta 0.999 too)
     tgrad-int4     U-shape shipped with the tail gradients in topk-int4 instead of topk-int2
@@ -52,7 +53,7 @@ from fedtune.core.errors import FedtuneError
 
 SHAPES = ("standard", "ushape")
 SHAPE_TITLES = {"standard": "standard split", "ushape": "U-shape split"}
-VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "residual", "one-theta", "tgrad-int4",
+VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "no-reuse", "residual", "one-theta", "tgrad-int4",
             "fixed", "bangbang", "ddpg", "budget")
 MB = 1e6
 LOSS_TOLERANCE_PCT = 1.0  # "within 1 % of vanilla"
@@ -77,6 +78,7 @@ VARIANT_SETS: dict[str, list[str]] = {
     "reuse+int8": [*OFF, "compression.method=splitcom", "compression.codec=int8"],
     "shipped": [],
     "shipped-zstd": ["compression.entropy=none"],
+    "no-reuse": ["compression.method=none"],
     "residual": ["compression.residual=true"],
     "one-theta": ["compression.thresholds={}"],
     "tgrad-int4": ["compression.per_interface.tail_gradients.codec=topk-int4"],
