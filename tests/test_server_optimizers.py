@@ -180,6 +180,10 @@ def test_settings_other_paradigms_ignore_are_refused_and_pruning_needs_factors(t
         tiny_config("paradigm='kd'", "train.keep_optimizer_state=true")
     with pytest.raises(ConfigError, match="lora_aggregation = 'product' needs each client's whole update"):
         tiny_config("federation.lora_aggregation='product'", "pruning.rates=[0.3]")
+    with pytest.raises(ConfigError, match="strategy = 'scaffold' needs each client's whole update"):
+        tiny_config("federation.strategy='scaffold'", "network.planner='jcpba'")
+    # A planner that does not prune by choice leaves the whole updates to the server (memory permitting).
+    assert tiny_config("federation.strategy='scaffold'", "network.planner='equal'").network.planner == "equal"
 
 
 def test_a_strategy_sweep_reruns_fedllm_only():

@@ -346,3 +346,12 @@ class Scaffold(Strategy):
 
     def load_state_dict(self, state):
         self.control = dict(state.get("control", {}))
+
+
+def needs_whole_updates(fed: FederationConfig) -> str:
+    """What in ``[federation]`` needs every client's whole update (the settings, joined by 'and'), or ''."""
+    needs = [f"federation.lora_aggregation = {fed.lora_aggregation!r}"] if fed.lora_aggregation != "factors" else []
+    if STRATEGIES.get(fed.strategy).needs_whole_updates:
+        needs.append(f"federation.strategy = {fed.strategy!r}")
+    return " and ".join(needs)
+

@@ -44,7 +44,7 @@ from fedtune.core.registry import Registry
 from fedtune.network.channel import LN2, share_for_rate
 from fedtune.network.plan_problem import Plan, PlanError, PlanProblem, make_plan
 
-__all__ = ["BASELINES", "PLANNERS", "Plan", "PlanError", "PlanProblem", "Planner", "bandwidth_step",
+__all__ = ["BASELINES", "PLANNERS", "PRUNING_PLANNERS", "Plan", "PlanError", "PlanProblem", "Planner", "bandwidth_step",
            "least_pruning", "least_rates", "make_plan", "pruning_for_bandwidth", "pruning_step",
            "shares_for_deadline"]
 
@@ -317,3 +317,5 @@ def uniform_pruning(problem: PlanProblem) -> Plan:
 
 
 BASELINES = ("equal", "pruning_only", "bandwidth_only", "uniform_pruning")
+#: The planners that prune by choice (up to ``network.rho_max``); the others prune only where memory forces it.
+PRUNING_PLANNERS = ("jcpba", "pruning_only", "uniform_pruning")

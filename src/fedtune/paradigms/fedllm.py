@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from fedtune.comm.messages import Message
-from fedtune.core.errors import FedtuneError
+from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.core.seeding import numpy_rng, seed_torch
 from fedtune.data.formatting import collate
 from fedtune.federated.masked import masked_fedavg
@@ -35,10 +35,11 @@ from fedtune.federated.ranks import (
     upload_at_own_rank,
 )
 from fedtune.federated.sampling import local_steps, sample_clients
-from fedtune.federated.strategies import EXTRA, STRATEGIES, ClientUpdate
+from fedtune.federated.strategies import EXTRA, STRATEGIES, ClientUpdate, needs_whole_updates
 from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_parameters, adapter_state, load_adapter_state, trainable_parameters
 from fedtune.models.pruning import MAX_RATE, PruneMask, Pruner, expand_adapter, slice_adapter, state_bytes
+from fedtune.network.planner import PRUNING_PLANNERS
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.runtime.base import Capabilities, ClientJob, ClientReply
 from fedtune.training.steps import (
@@ -81,15 +82,13 @@ class FedLLM(Paradigm):
         if cfg.deploy.secure_aggregation:
             cls._check_secure_aggregation(cfg)
         check_ranks(cfg)
-        fed = cfg.federation
-        needs = ([f"federation.lora_aggregation = {fed.lora_aggregation!r}"] if fed.lora_aggregation != "factors"
-                 else []) + ([f"federation.strategy = {fed.strategy!r}"]
-                             if STRATEGIES.get(fed.strategy).needs_whole_updates else [])
-        pruned = any(rates) or (cfg.network.enabled and cfg.network.rho_max > 0)
+        needs = needs_whole_updates(cfg.federation)
+        net = cfg.network
+        pruned = any(rates) or (net.enabled and net.planner in PRUNING_PLANNERS and net.rho_max > 0)
         if needs and (pruned or cfg.deploy.secure_aggregation):
-            raise ValueError(f"{' and '.join(needs)} needs each client's whole update, which pruned clients "
-                             "(pruning.rates, network.rho_max) and a secure sum (deploy.secure_aggregation) do not "
-                             "give the server")
+            raise ValueError(f"{needs} needs each client's whole update, which pruned clients (pruning.rates, "
+                             f"network.planner in {PRUNING_PLANNERS}) and a secure sum (deploy.secure_aggregation) "
+                             "do not give the server")
 
     @staticmethod
     def _check_secure_aggregation(cfg) -> None:
@@ -329,7 +328,13 @@ class FedLLM(Paradigm):
 
     def _aggregate_pruned(self, updates: list[ClientUpdate], masks: dict[int, PruneMask]) -> dict[str, torch.Tensor]:
         """Expand pruned adapters to full size, average each coordinate over the clients that kept it, then let the
-        strategy step from the global state to that mean (FedAvg: the mean itself; FedAdam: its server step)."""
+        strategy step from the global state to that mean (FedAvg: the mean itself; FedAdam: its server step).
+        Memory can force pruning under any planner, so a strategy that needs whole updates is refused here too."""
+        needs = needs_whole_updates(self.ctx.cfg.federation)
+        if needs:
+            raise ConfigError(f"{needs} needs each client's whole update, but clients {sorted(masks)} train pruned "
+                              "models (their memory is below the model's); use federation.strategy 'fedavg' with "
+                              "lora_aggregation 'factors', or profiles with more memory")
         shapes = {key: tuple(t.shape) for key, t in self.global_state.items()}
         pairs = []
         for u in updates:
