@@ -54,6 +54,26 @@ def test_first_sight_is_sent_unchanged_is_reused_changed_is_sent(tmp_path):
     assert iface.counts.by_epoch[1] == [1, 3]
 
 
+def test_a_per_token_metric_sees_a_changed_token_beside_a_massive_sink_token(tmp_path):
+    """Past block 3 SmolLM2's first token holds most of a short sample's energy: the whole-sample cosine stays
+    above theta when a response token changes, the least similar token's cosine does not."""
+    x, mask = _batch(lengths=(6, 6))
+    x[:, 0] *= 100.0  # the attention sink
+    moved = x.clone()
+    moved[:, 4] = torch.randn(2, D, generator=torch.Generator().manual_seed(3))  # one token changed
+    decisions = {}
+    for metric in ("cosine", "token_mean", "token_min"):
+        iface = _iface(tmp_path / metric, metric=metric)
+        iface.send(0, [1, 2], x, mask, {}, theta=0.99, epoch=0)
+        again, _ = iface.send(0, [1, 2], x, mask, {}, theta=0.99, epoch=1)
+        assert again.tensors["sent"].tolist() == [False, False], metric  # unchanged: reused by every metric
+        changed, _ = iface.send(0, [1, 2], moved, mask, {}, theta=0.99, epoch=2)
+        decisions[metric] = changed.tensors["sent"].tolist()
+    assert decisions["cosine"] == [False, False]  # the sink holds the whole-sample cosine near 1
+    assert decisions["token_min"] == [True, True]
+    assert decisions["token_mean"] == [True, True]  # one token in six moves the mean by about a sixth
+
+
 def test_a_resend_budget_caps_resends_least_similar_first_and_carries_its_credit(tmp_path):
     iface = _iface(tmp_path, codec="int8", resend_budget=0.1)
     x, mask = _batch(lengths=(6, 6, 6))

@@ -38,25 +38,38 @@ class Projector:
         return rows.detach().float().cpu() @ self.matrix
 
 
-#: How alike a sample's projected tensor is to its cached projection (higher = more similar), by name.
+#: How alike a sample's projected tensor (tokens x k) is to its cached projection (higher = more similar), by name.
 SIMILARITIES: Registry[Callable[[torch.Tensor, torch.Tensor], float]] = Registry("similarity metric")
 
 
 @SIMILARITIES.register("cosine")
 def cosine(p: torch.Tensor, c: torch.Tensor) -> float:
-    """cos of the flattened projections."""
-    return float(F.cosine_similarity(p, c, dim=0))
+    """cos of the flattened projections (the paper's: the whole sample at once)."""
+    return float(F.cosine_similarity(p.flatten(), c.flatten(), dim=0))
 
 
 @SIMILARITIES.register("rel_l2")
 def relative_l2(p: torch.Tensor, c: torch.Tensor) -> float:
-    """1 - ||p - c|| / ||c||."""
+    """1 - ||p - c|| / ||c|| of the flattened projections."""
     return 1.0 - float((p - c).norm() / c.norm().clamp_min(1e-12))
 
 
+@SIMILARITIES.register("token_min")
+def token_min(p: torch.Tensor, c: torch.Tensor) -> float:
+    """The least similar token's cosine: one changed token decides, however much energy the others hold (past the
+    first blocks a decoder's first token, the attention sink, can hold most of a short sample's norm)."""
+    return float(F.cosine_similarity(p, c, dim=-1).min())
+
+
+@SIMILARITIES.register("token_mean")
+def token_mean(p: torch.Tensor, c: torch.Tensor) -> float:
+    """The mean of the per-token cosines: every token weighs the same, whatever its norm."""
+    return float(F.cosine_similarity(p, c, dim=-1).mean())
+
+
 def similarity(metric: str, current: torch.Tensor, cached: torch.Tensor) -> float:
-    """Similarity ``metric`` (a :data:`SIMILARITIES` name) of the flattened projections."""
-    return SIMILARITIES.get(metric)(current.flatten(), cached.flatten().float())
+    """Similarity ``metric`` (a :data:`SIMILARITIES` name) of two projections, tokens x k each."""
+    return SIMILARITIES.get(metric)(current.reshape(-1, current.shape[-1]), cached.reshape(-1, cached.shape[-1]).float())
 
 
 @dataclass

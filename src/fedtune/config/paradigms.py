@@ -63,8 +63,9 @@ class CompressionConfig(OwnedKeysSection):
         None, description="Split interfaces compressed: 'activations' (up), 'body_output' (down, U-shape), "
         "'tail_gradients' (up, U-shape), 'gradients' (down). Default: activations; all four in a U-shape.")
     metric: Annotated[str, registered("fedtune.compression.reuse:SIMILARITIES")] = Field(
-        "cosine", description="Similarity of a sample's projected tensor to its cached projection: 'cosine', or "
-        "'rel_l2' (1 - relative L2 change). A sample is reused when similarity >= theta.")
+        "cosine", description="Similarity of a sample's projected tensor to its cached projection: 'cosine' (of the "
+        "whole sample, as in the paper), 'token_min' (the least similar token's cosine), 'token_mean' (the mean "
+        "per-token cosine), or 'rel_l2' (1 - relative L2 change). A sample is reused when similarity >= theta.")
     projection_dim: int = Field(64, ge=1, description="Random projection size per token for the sender's cache.")
     cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="Precision of the receiver's cache of full tensors.")
