@@ -10,6 +10,7 @@ model, data, samples, rounds and seed, each into its own run directory under --o
     reuse+int8     reuse, uploads int8 per token (the best of fedtune before issue 20)
     shipped        the configuration as shipped
     shipped-zstd   shipped without entropy coding (what zstd adds)
+    sample-cosine  shipped with the paper's whole-sample cosine instead of the least similar token's
     no-reuse       shipped without reuse: every sample sent every step, coded (what the codecs alone cost in quality)
     residual       shipped, changed samples sent as residuals against the held copy (error feedback)
     one-theta      shipped without per-interface thresholds (U-shape: the body output at theta 0.999 too)
@@ -53,7 +54,7 @@ from fedtune.core.errors import FedtuneError
 
 SHAPES = ("standard", "ushape")
 SHAPE_TITLES = {"standard": "standard split", "ushape": "U-shape split"}
-VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "no-reuse", "residual", "one-theta", "tgrad-int4",
+VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "sample-cosine", "no-reuse", "residual", "one-theta", "tgrad-int4",
             "fixed", "bangbang", "ddpg", "budget")
 MB = 1e6
 LOSS_TOLERANCE_PCT = 1.0  # "within 1 % of vanilla"
@@ -71,13 +72,14 @@ BUDGET_DEFAULTS = [f"compression.{k}={BudgetSettings.model_fields[k].default}" f
 OFF = ["compression.method=none", "compression.codec=none", "compression.residual=false", "compression.entropy=none",
        "compression.adapter_codec=none", "compression.adapter_download_codec=none", "compression.per_interface={}",
        "compression.error_feedback=false", "compression.controller=fixed", "compression.thresholds={}",
-       "compression.resend_budget=none", *BUDGET_DEFAULTS]
+       "compression.resend_budget=none", "compression.metric=cosine", *BUDGET_DEFAULTS]
 VARIANT_SETS: dict[str, list[str]] = {
     "vanilla": OFF,
     "reuse": [*OFF, "compression.method=splitcom"],
     "reuse+int8": [*OFF, "compression.method=splitcom", "compression.codec=int8"],
     "shipped": [],
     "shipped-zstd": ["compression.entropy=none"],
+    "sample-cosine": ["compression.metric=cosine"],
     "no-reuse": ["compression.method=none"],
     "residual": ["compression.residual=true"],
     "one-theta": ["compression.thresholds={}"],
