@@ -234,7 +234,22 @@ def test_a_refused_resume_writes_nothing_and_fewer_rounds_are_refused(tmp_path, 
     assert main(["run", "--resume", str(out), "--set", "federation.rounds=1"]) == 2
     assert "has trained 2 rounds; federation.rounds = 1" in _err(capsys)
     assert (out / "config.toml").read_bytes() == config
-    assert main(["run", "--resume", str(out)]) == 0
+    # A key only other paradigms read (split's compression, KD's kd) does not change a FedLLM run: it resumes.
+    assert main(["run", "--resume", str(out), "--set", "compression.theta=0.5", "--set", "kd.topk=3"]) == 0
+
+
+def test_the_fingerprint_holds_the_keys_the_paradigm_reads():
+    from fedtune.config import load_config
+    from fedtune.engine.runner import training_fingerprint
+
+    def digest(*sets):
+        return training_fingerprint(load_config(TINY, list(sets)))[0]
+    fedllm = digest()
+    assert digest("compression.theta=0.5", "kd.topk=3", "split.cut=1") == fedllm
+    assert digest("train.lr=1e-3") != fedllm and digest("federation.strategy=fedadam") != fedllm
+    split = digest("paradigm=split")
+    assert digest("paradigm=split", "compression.theta=0.5") != split
+    assert digest("paradigm=split", "federation.strategy=fedadam") == split  # a FedLLM-only key
 
 
 def test_without_latest_the_newest_valid_round_is_resumed(tmp_path, reference, capsys):

@@ -20,7 +20,7 @@ from rich.console import Console
 from fedtune.config import RunConfig, load_config
 from fedtune.core.errors import ConfigError, FedtuneError
 from fedtune.core.files import atomic_write
-from fedtune.paradigms import PARADIGMS
+from fedtune.paradigms import reads_key
 
 #: Short names accepted by ``--sweep`` for the usual sweep keys.
 SWEEP_ALIASES = {"clients": "federation.num_clients", "alpha": "partition.alpha", "rank": "lora.r",
@@ -46,10 +46,7 @@ class Sweep:
     def affects(self, paradigm: str) -> bool:
         """Whether the swept key can change ``paradigm``'s result: not when it is in a section or is a key that only
         another paradigm reads (``Paradigm.own_sections``, ``Paradigm.own_keys``)."""
-        section = self.key.split(".", 1)[0]
-        owners = [name for name in PARADIGMS
-                  if section in PARADIGMS.get(name).own_sections or self.key in PARADIGMS.get(name).own_keys]
-        return not owners or paradigm in owners
+        return reads_key(paradigm, self.key)
 
 
 @dataclass

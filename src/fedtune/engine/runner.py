@@ -25,7 +25,7 @@ from fedtune.engine.run_lock import RunLock
 from fedtune.models.generation import generate_answer
 from fedtune.models.lora import save_adapter
 from fedtune.network.simtime import summarise as summarise_network
-from fedtune.paradigms import PARADIGMS, Paradigm, RoundResult
+from fedtune.paradigms import PARADIGMS, Paradigm, RoundResult, reads_key
 from fedtune.training.evaluation import EvalResult, evaluate, task_metrics
 
 #: Keys that may differ between a checkpoint and the run resuming it (they don't change the results).
@@ -46,9 +46,10 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def training_fingerprint(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
-    """Hash of every config value that affects results (not runtime, checkpointing or total rounds)."""
+    """Hash of every config value that affects results (not runtime, checkpointing or total rounds, nor the keys
+    only other paradigms read)."""
     flat = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items()
-            if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)}
+            if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES) and reads_key(cfg.paradigm, k)}
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
     return digest, flat
 
@@ -97,11 +98,13 @@ class Runner:
         meta = self.checkpointer.load_meta(folder)
         digest, flat = training_fingerprint(self.cfg)
         if meta.get("fingerprint") != digest:
-            saved = meta.get("config", {})
+            saved = {k: v for k, v in meta.get("config", {}).items() if reads_key(self.cfg.paradigm, k)}
             diff = sorted(k for k in set(saved) | set(flat) if saved.get(k, _ABSENT) != flat.get(k, _ABSENT))
-            defaults = training_fingerprint(RunConfig())[1]
+            defaults = _flatten(RunConfig().model_dump(mode="json"))
             added = [k for k in diff if k not in saved and flat[k] == defaults.get(k, _ABSENT)]
-            if diff and diff == added:  # keys a newer fedtune added, at their defaults: the same training
+            if not diff:  # an older fedtune's fingerprint also covered keys only other paradigms read
+                return self._check_rounds(folder, meta)
+            if diff == added:  # keys a newer fedtune added, at their defaults: the same training
                 self.console.print(f"[yellow]the checkpoint predates the config keys {', '.join(added)}; their "
                                    "defaults reproduce its run[/]")
                 return self._check_rounds(folder, meta)

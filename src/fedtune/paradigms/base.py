@@ -104,3 +104,13 @@ class Paradigm:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+
+def reads_key(paradigm: str, key: str) -> bool:
+    """Whether a run of ``paradigm`` can read config ``key`` (dotted): not when the key's section, or the key itself,
+    is one that only other paradigms read (``Paradigm.own_sections``, ``Paradigm.own_keys``)."""
+    section = key.split(".", 1)[0]
+    owners = [name for name in PARADIGMS if section in PARADIGMS.get(name).own_sections
+              or any(key == own or key.startswith(own + ".") for own in PARADIGMS.get(name).own_keys)]
+    return not owners or paradigm in owners
+
