@@ -12,6 +12,8 @@ Dirichlet alpha 0.1 over restaurant names), each into its own run directory unde
     server-lr-K          server lr K = the clients per round, no momentum: the clients' changes are summed,
                          not averaged (with small local steps, K clients' 3-step changes add up to what
                          centralized's 3K sequential steps do; the mean advances only as far as one client)
+    server-lr-K+kept     server-lr-K with each client keeping its AdamW state (a fresh AdamW's first steps are
+                         about lr x sign(gradient) on every coordinate: summed over K clients, that noise adds up)
     fedadam, fedyogi     adaptive server optimizers at their default server lr (0.01)
     scaffold             control variates correcting each local gradient by c - c_i
 
@@ -51,6 +53,8 @@ def variant_sets(clients_per_round: int) -> dict[str, list[str]]:
         "fedavgm": ["paradigm=fedllm", "federation.strategy=fedavgm"],
         "server-lr-K": ["paradigm=fedllm", "federation.strategy=fedavgm", "federation.server_momentum=0",
                         f"federation.server_lr={clients_per_round}"],
+        "server-lr-K+kept": ["paradigm=fedllm", "federation.strategy=fedavgm", "federation.server_momentum=0",
+                             f"federation.server_lr={clients_per_round}", "train.keep_optimizer_state=true"],
         "fedadam": ["paradigm=fedllm", "federation.strategy=fedadam"],
         "fedyogi": ["paradigm=fedllm", "federation.strategy=fedyogi"],
         "scaffold": ["paradigm=fedllm", "federation.strategy=scaffold"],
