@@ -69,7 +69,8 @@ def token_mean(p: torch.Tensor, c: torch.Tensor) -> float:
 
 def similarity(metric: str, current: torch.Tensor, cached: torch.Tensor) -> float:
     """Similarity ``metric`` (a :data:`SIMILARITIES` name) of two projections, tokens x k each."""
-    return SIMILARITIES.get(metric)(current.reshape(-1, current.shape[-1]), cached.reshape(-1, cached.shape[-1]).float())
+    tokens = lambda x: x.reshape(-1, x.shape[-1]).float()  # noqa: E731
+    return SIMILARITIES.get(metric)(tokens(current), tokens(cached))
 
 
 @dataclass

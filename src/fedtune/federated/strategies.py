@@ -354,4 +354,3 @@ def needs_whole_updates(fed: FederationConfig) -> str:
     if STRATEGIES.get(fed.strategy).needs_whole_updates:
         needs.append(f"federation.strategy = {fed.strategy!r}")
     return " and ".join(needs)
-

@@ -113,4 +113,3 @@ def reads_key(paradigm: str, key: str) -> bool:
     owners = [name for name in PARADIGMS if section in PARADIGMS.get(name).own_sections
               or any(key == own or key.startswith(own + ".") for own in PARADIGMS.get(name).own_keys)]
     return not owners or paradigm in owners
-
