@@ -54,8 +54,8 @@ from fedtune.core.errors import FedtuneError
 
 SHAPES = ("standard", "ushape")
 SHAPE_TITLES = {"standard": "standard split", "ushape": "U-shape split"}
-VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "sample-cosine", "no-reuse", "residual", "one-theta", "tgrad-int4",
-            "fixed", "bangbang", "ddpg", "budget")
+VARIANTS = ("vanilla", "reuse", "reuse+int8", "shipped", "shipped-zstd", "sample-cosine", "no-reuse", "residual",
+            "one-theta", "tgrad-int4", "fixed", "bangbang", "ddpg", "budget")
 MB = 1e6
 LOSS_TOLERANCE_PCT = 1.0  # "within 1 % of vanilla"
 METRIC_TOLERANCE_POINTS = 1.0  # "the task metric within 1 point of vanilla"
