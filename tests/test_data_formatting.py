@@ -52,14 +52,30 @@ def test_plain_text_is_all_labelled(tok):
     assert row["labels"] == row["input_ids"]
 
 
-def test_truncation_keeps_prompt_head_and_a_response_token(tok):
+def test_a_prompt_that_fills_the_window_drops_its_row_and_is_counted(tok):
     long_prompt = "name : The Eagle | " * 30
-    out = tokenize_examples(_ds([long_prompt], ["Nice place ."]), tok, max_length=16, chat_template=False)
-    row = out[0]
-    assert len(row["input_ids"]) == 16
-    assert row["input_ids"][:15] == _ids(tok, long_prompt + "\n")[:15]
-    assert row["labels"][:15] == [IGNORE_INDEX] * 15
-    assert row["labels"][15] == _ids(tok, "Nice place .")[0]
+    ds = _ds([long_prompt, "name : X"], ["Nice place .", "Fine ."])
+    out = tokenize_examples(ds, tok, max_length=16, chat_template=False)
+    assert list(out["response"]) == ["Fine ."]  # the long prompt would lose its end: no response to learn after it
+    assert out.truncation.as_dict() == {"max_length": 16, "rows": 2, "truncated": 0, "dropped_no_room": 1,
+                                        "dropped_empty": 0}
+    assert out.num_dropped == 1
+
+
+def test_a_prompt_one_token_short_of_the_window_keeps_one_response_token(tok):
+    prompt = "name : The Eagle | area : riverside"
+    n_prompt = len(_ids(tok, prompt + "\n"))
+    row = tokenize_examples(_ds([prompt], ["Nice place ."]), tok, max_length=n_prompt + 1, chat_template=False)[0]
+    assert row["input_ids"][:n_prompt] == _ids(tok, prompt + "\n")  # the whole prompt
+    assert row["labels"] == [IGNORE_INDEX] * n_prompt + _ids(tok, "Nice place .")[:1]
+
+
+def test_truncation_counts_rows_cut_at_the_window(tok, caplog):
+    response = "The Eagle is a family friendly coffee shop in the city centre near Burger King ."
+    out = tokenize_examples(_ds(["name : X", "name : Y"], [response, "Ok ."]), tok, max_length=20,
+                            chat_template=True, where="training split")
+    assert out.truncation.truncated == 1 and out.truncation.dropped == 0
+    assert "training split: 1 of 2 rows cut at max_length 20" in caplog.text
 
 
 def test_truncation_cuts_the_response_tail(tok):

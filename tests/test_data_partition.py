@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import json
 import math
 from collections import Counter
@@ -12,15 +14,8 @@ import pytest
 
 from fedtune.config import PartitionConfig
 from fedtune.core.errors import PartitionError
-from fedtune.data.partition import (
-    PARTITIONERS,
-    LengthDirichletPartitioner,
-    format_partition_table,
-    length_classes,
-    partition_indices,
-    partition_summary,
-    plot_partition,
-)
+from fedtune.data.partition import PARTITIONERS, LengthDirichletPartitioner, length_classes, partition_indices
+from fedtune.data.partition_report import format_partition_table, partition_summary, plot_partition, short_label
 
 METHODS = ["iid", "dirichlet", "natural_id", "length_dirichlet"]
 
@@ -165,8 +160,31 @@ def test_summary_table_and_plot(train, tmp_path):
         assert c["num_samples"] == len(part) == sum(c["labels"].values()) == sum(c["length_classes"])
         assert 0 < c["top_label_share"] <= 1
     table = format_partition_table(summary)
-    assert len(table.splitlines()) == 2 + 4 and "top name" in table
+    assert len(table.splitlines()) == 2 + 4 + 1 and "top name" in table  # header, rule, clients, all
     plot_partition(summary, tmp_path / "p.png")
     plot_partition(partition_summary(train, parts, None), tmp_path / "q.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "q.png").stat().st_size > 1000
+
+
+def test_long_labels_stay_on_one_line_and_the_plot_fits_them(tmp_path):
+    """Labels that are whole sentences are cut in the table and the plot (no constrained-layout warning); the
+    length distribution and the token window's counts are in the table."""
+    long = [f"Sentence {i}: a label far too long for a legend or a table cell " + "and on " * 20 for i in range(6)]
+    rows = 60
+    train = datasets.Dataset.from_dict({"topic": [long[i % 6] for i in range(rows)], "length": list(range(10, 70))})
+    parts = [list(range(0, 30)), list(range(30, 60))]
+    summary = partition_summary(train, parts, "topic")
+    summary["truncation"] = {"max_length": 128, "rows": 64, "truncated": 5, "dropped_no_room": 3, "dropped_empty": 1}
+    assert summary["clients"][0]["length"] == {"min": 10, "median": 24.5, "p90": 36.1, "max": 39}
+    assert summary["length"]["max"] == 69
+    table = format_partition_table(summary).splitlines()
+    assert len(table) == 2 + 2 + 1 + 1 and all(len(line) < 120 for line in table)
+    assert short_label(long[0]) in table[2] and long[0] not in table[2]
+    assert table[-1] == ("128-token window: 5 of 64 training rows cut, 3 dropped (the prompt fills the window), "
+                         "1 dropped (empty response)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "constrained_layout not applied" is a UserWarning
+        plot_partition(summary, tmp_path / "long.png")
+    assert (tmp_path / "long.png").stat().st_size > 1000
+    assert short_label("a  b\nc", 24) == "a b c" and len(short_label("x" * 40)) == 24

@@ -56,7 +56,8 @@ def test_chatterbot():
     s = load_splits(DataConfig(dataset="chatterbot", max_eval_samples=None, eval_fraction=0.1), seed=0)
     total = len(s.train) + len(s.eval)
     assert 1900 <= total <= 2100
-    assert len(s.eval) == round(total * 0.1)
+    assert abs(len(s.eval) - round(total * 0.1)) <= 10  # whole inputs (tech support repeats one 100+ times)
+    assert not set(s.eval["prompt"]) & set(s.train["prompt"])
     assert s.label_column == "topic"
     assert {"prompt", "response", "topic"} <= set(s.train.column_names)
     assert {"AI", "tech support", "trivia"} <= set(s.train["topic"])
@@ -149,3 +150,76 @@ def test_hf_failure_is_data_error(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="cannot load Hugging Face dataset"):
         load_splits(DataConfig(dataset="hf", path=str(empty)), seed=0)
+
+
+def test_a_repeated_input_is_held_out_whole(tmp_path):
+    """Rows sharing a prompt (several references of one input) land on one side of the held-out split."""
+    records = [{"prompt": f"input {i}", "response": f"reference {j} of {i}"} for i in range(30) for j in range(1 + i % 4)]
+    path = _write_jsonl(tmp_path / "refs.jsonl", records)
+    s = load_splits(DataConfig(dataset="local", path=str(path), eval_fraction=0.2, max_eval_samples=None), seed=3)
+    assert not set(s.eval["prompt"]) & set(s.train["prompt"])
+    assert len(s.train) + len(s.eval) == len(records)
+    assert abs(len(s.eval) - 0.2 * len(records)) <= 2  # whole inputs of up to 4 rows: within half of one
+    by_prompt = {p: sum(1 for r in records if r["prompt"] == p) for p in set(s.eval["prompt"])}
+    assert all(list(s.eval["prompt"]).count(p) == n for p, n in by_prompt.items())  # with all its references
+
+
+def test_plain_text_rows_hold_out_one_by_one(tmp_path):
+    path = _write_jsonl(tmp_path / "t.jsonl", RECORDS["text"])
+    s = load_splits(DataConfig(dataset="local", path=str(path), eval_fraction=0.25, max_eval_samples=None), seed=0)
+    assert (len(s.train), len(s.eval)) == (15, 5)  # empty prompts are not one input
+
+
+def test_one_input_cannot_be_split(tmp_path):
+    path = _write_jsonl(tmp_path / "one.jsonl", [{"prompt": "same", "response": f"r{i}"} for i in range(5)])
+    with pytest.raises(DataError, match="2 distinct prompts.*data.eval_path"):
+        load_splits(DataConfig(dataset="local", path=str(path)), seed=0)
+
+
+def test_local_eval_file(tmp_path, caplog):
+    train = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(12)])
+    held = _write_jsonl(tmp_path / "test.jsonl", [{"prompt": p, "response": "x"} for p in ("q1", "new", "new")])
+    s = load_splits(DataConfig(dataset="local", path=str(train), eval_path=str(held), max_eval_samples=2), seed=0)
+    assert len(s.train) == 12 and len(s.eval) == 2  # nothing held out of the training file; the eval file capped
+    assert list(s.eval_source["prompt"]) == ["q1", "new", "new"]  # the whole file: every reference
+    assert "1 of 3 eval rows share their prompt with a training row" in caplog.text
+    with pytest.raises(Exception, match="data.eval_path is for data.dataset = 'local'"):
+        DataConfig(dataset="e2e", eval_path=str(held))
+
+
+def test_e2e_metric_prompts_get_every_reference_of_the_test_file():
+    """max_eval_samples keeps ~1 row per input; the references come from the whole test file."""
+    from fedtune.data.references import reference_sets
+
+    s = load_splits(DataConfig(dataset="e2e", max_eval_samples=200), seed=0)
+    capped = reference_sets(s.eval["prompt"], zip(s.eval["prompt"], s.eval["response"]), 16)
+    full = reference_sets(s.eval["prompt"], zip(s.eval_source["prompt"], s.eval_source["response"]), 16)
+    assert [p for p, _ in full] == [p for p, _ in capped]
+    assert sum(len(r) for _, r in capped) < 2 * 16
+    assert sum(len(r) for _, r in full) > 5 * 16  # E2E's test file: 4693 references of 630 inputs
+    source = {p: [] for p, _ in full}
+    for p, r in zip(s.eval_source["prompt"], s.eval_source["response"]):
+        if p in source:
+            source[p].append(r)
+    assert dict(full) == source
+
+
+def test_a_partition_column_may_be_named_by_its_source_field(tmp_path, tiny_config):
+    """partition.column = the source field mapped to the prompt is accepted; a column the data lacks is reported
+    before the tokenizer or the model loads, with the valid names."""
+    from fedtune.engine.context import load_run_data
+
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"context": f"topic {i % 6}", "answer": f"text {i}"} for i in range(40)])
+    data = [f"data.dataset='local'", f"data.path='{path}'", "data.format='prompt_response'",
+            "data.prompt_field='context'", "data.response_field='answer'", "partition.method='natural_id'",
+            "federation.num_clients=3", "partition.min_samples=2"]
+    run = load_run_data(tiny_config(*data, "partition.column='context'"))
+    assert run.partition_info["label_column"] == "prompt"
+    owners = {}
+    for client, rows in enumerate(run.partitions):
+        for i in rows:
+            owners.setdefault(run.train["prompt"][i], set()).add(client)
+    assert len(owners) > 3 and all(len(clients) == 1 for clients in owners.values())  # one value, one client
+    with pytest.raises(DataError, match=r"partition.column 'topic' is not a column of the data; valid: prompt, "
+                                        r"response"):
+        load_run_data(tiny_config(*data, "partition.column='topic'"))

@@ -373,8 +373,12 @@ def test_plan_command_prints_the_table_without_training(capsys, tmp_path):
                  "devices.profiles=['phone', 'jetson', 'laptop']", "--round", "2"]) == 0
     out = capsys.readouterr().out
     for text in ("round 2", "phone", "jetson", "share", "rho", "comp s", "comm s", "jcpba *", "equal",
-                 "pruning_only", "bandwidth_only", "uniform_pruning"):
+                 "pruning_only", "bandwidth_only", "uniform_pruning", "* the configured planner", "rho: pruning rate"):
         assert text in out, text
+    from fedtune.engine.plan_table import _kept
+
+    assert _kept(0.0, "adapter bytes") == "all of its adapter bytes (pruning removes none of them)"
+    assert _kept(0.353, "FLOPs") == "1 - 0.353 rho of its FLOPs"
     assert main(["plan", str(TINY), "--set", "network.planner=fastest"]) == 2
     assert "unknown planner 'fastest'" in capsys.readouterr().err
 

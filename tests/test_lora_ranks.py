@@ -167,6 +167,12 @@ def test_profile_ranks_follow_the_device_profiles_and_bad_ranks_are_refused(tiny
         tiny_config("lora.ranks=[2, 4, 8]", "federation.strategy='fedadam'")
     with pytest.raises(ConfigError, match="valid choices: flexlora, flora, hetlora, zero_pad"):
         tiny_config("lora.rank_aggregation='mean'")
+    # A simulated network that does not prune by choice (rho_max defaults > 0 under every planner) is no pruning.
+    tiny_config("lora.ranks=[2, 4, 8]", "network.planner='equal'")
+    with pytest.raises(ConfigError, match="cannot also be pruned"):
+        tiny_config("lora.ranks=[2, 4, 8]", "network.planner='jcpba'")
+    with pytest.raises(ConfigError, match="cannot also be pruned"):
+        tiny_config("lora.ranks=[2, 4, 8]", "pruning.rates=[0.5]")
 
 
 def test_resume_keeps_the_self_pruned_ranks(tmp_path, tiny_config, monkeypatch):

@@ -52,10 +52,16 @@ def test_metric_choice_auto_and_errors():
 
 
 def test_reference_sets_group_all_references_of_a_prompt():
-    records = [{"prompt": "p1", "response": "a"}, {"prompt": "p2", "response": "b"},
-               {"prompt": "p1", "response": "c"}, {"prompt": "p3", "response": "d"}, {"prompt": "p2", "response": "e"}]
-    assert reference_sets(records, 2) == [("p1", ["a", "c"]), ("p2", ["b", "e"])]
-    assert reference_sets(records, 10)[-1] == ("p3", ["d"])
+    pairs = [("p1", "a"), ("p2", "b"), ("p1", "c"), ("p3", "d"), ("p2", "e")]
+    prompts = [p for p, _ in pairs]
+    assert reference_sets(prompts, pairs, 2) == [("p1", ["a", "c"]), ("p2", ["b", "e"])]
+    assert reference_sets(prompts, pairs, 10)[-1] == ("p3", ["d"])
+
+
+def test_reference_sets_gather_references_the_cap_left_out():
+    source = [("p1", "a"), ("p2", "b"), ("p1", "c"), ("p3", "d"), ("p1", "f")]
+    capped = ["p3", "p1"]  # what max_eval_samples kept: one row of each
+    assert reference_sets(capped, source, 16) == [("p3", ["d"]), ("p1", ["a", "c", "f"])]
 
 
 def test_batched_generation_equals_one_prompt_at_a_time():

@@ -230,3 +230,15 @@ def test_print_summary(tmp_path):
     out = console.export_text()
     assert "18.9 MB" in out and "Paris is the capital of France." in out
     print_summary({}, console=console)  # partial summary does not crash
+
+
+def test_an_uncompressed_split_run_says_so_instead_of_a_zero_reduction():
+    comm = {"uplink_bytes": 10, "downlink_bytes": 10, "activation_uplink_bytes": 8, "gradient_downlink_bytes": 8,
+            "uplink_reduction": 0.0, "total_reduction": 0.0}
+    plain = dict(summary_table({"paradigm": "split", "comm": comm}))
+    assert "Uplink reduction" not in plain and plain["Compression"].startswith("none (uncompressed")
+    compressed = dict(summary_table({"paradigm": "split", "comm": {**comm, "uplink_reduction": 0.5},
+                                     "compression": {"activations": {}}}))
+    assert compressed["Uplink reduction"] == "50.00 %" and "Compression" not in compressed
+    scored = dict(summary_table({"eval": {"rows": 48, "metric_prompts": 16, "metric_references": 217}}))
+    assert scored["Task metric scored on"] == "16 prompts, 217 references"

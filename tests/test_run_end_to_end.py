@@ -81,9 +81,33 @@ def test_final_adapter_loads_with_peft_and_matches_eval(tiny_run):
 def test_report_command_rebuilds_report(tiny_run, capsys):
     _, out, _ = tiny_run
     (out / "report.md").unlink()
+    (out / "partition.png").unlink()
     assert main(["report", str(out)]) == 0
     text = (out / "report.md").read_text()
-    assert "eval_loss.png" in text
+    assert "eval_loss.png" in text and "partition.png" in text
+    assert (out / "partition.png").stat().st_size > 1000  # redrawn from partition.json
+    assert "Task metric scored on" in text and "Length median / p90 / max" in text
+
+
+def test_the_model_card_says_what_the_adapter_is_and_its_loading_lines_work(tmp_path, tiny_config):
+    """A run on a base saved to disk (the tiny model, as `pretrained`): the card names base, data and results, and
+    its Python block loads the adapter onto that base with PEFT."""
+    import re
+
+    base, tokenizer = load_model(tiny_config().model, resolve_device("cpu"))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    cfg = tiny_config("model.source='pretrained'", f"model.path='{tmp_path / 'base'}'", "federation.rounds=1")
+    summary = Runner(cfg, tmp_path / "run").run()
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert f"base_model: {tmp_path / 'base'}" in card and "paradigm `fedllm`" in card
+    assert f"{summary['final']['eval_loss']:.4f}" in card and "e2e:" in card
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), namespace)  # the card's own loading lines
+    loaded = {k: v for k, v in namespace["model"].state_dict().items() if "lora_B" in k}
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert loaded and sum(v.abs().sum() for v in loaded.values()) == pytest.approx(
+        sum(v.abs().sum() for k, v in saved.items() if "lora_B" in k))
 
 
 def test_rerun_into_same_directory_is_refused(tiny_run):
@@ -146,3 +170,19 @@ def test_one_poisoned_client_is_left_out_of_the_aggregate(tmp_path, tiny_config,
     # the failure report crossed the transport too, at its serialized size
     fail = Message("client_failure", meta={"reason": "non-finite adapter weights"})
     assert summary["clients"][1]["uplink_bytes"] == len(encode(fail))
+
+
+def test_every_long_phase_is_labelled(tmp_path, tiny_config):
+    """With progress on, loading, round 0's evaluation, the final generations and the report each say what runs."""
+    import io
+
+    from rich.console import Console
+
+    text = io.StringIO()
+    cfg = tiny_config("runtime.progress=true", "federation.rounds=1")
+    Runner(cfg, tmp_path / "run", console=Console(file=text, width=200)).run()
+    out = text.getvalue()
+    for label in ("data: loading e2e, tokenizing, partitioning over 3 clients:", "loading the model (tiny, weights)",
+                  "round 0: the base model's eval loss on", "task metric: generating",
+                  "final: the sample answer (base and tuned)", "report.md:"):
+        assert label in out, label

@@ -379,6 +379,12 @@ def test_tiny_splitcom_over_8_one_epoch_rounds_shows_its_reduction(tmp_path, tin
     summary = Runner(cfg, tmp_path / "eight").run()
     ratios = summary["compression"]["activations"]["upload_ratio_per_epoch"]
     assert len(ratios) == 8 and ratios["0"] == 1.0 and max(list(ratios.values())[1:]) < 0.6
+    records = [json.loads(x) for x in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if "upload_ratio_round" in r]
+    # one epoch per round: round r's ratio is epoch r-1's; the cumulative one is the running ratio so far
+    assert [r["upload_ratio_round"]["activations"] for r in rounds] == pytest.approx(list(ratios.values()))
+    assert rounds[-1]["upload_ratio_cumulative"]["activations"] == pytest.approx(
+        summary["compression"]["activations"]["upload_ratio"])
     assert summary["comm"]["uplink_reduction"] > 0.93  # coding alone (theta 1) gives 0.90
     assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
 

@@ -79,6 +79,9 @@ class DataConfig(Section):
         "'local' (JSONL/CSV/parquet file in `path`), 'hf' (Hugging Face dataset name or dir in `path`).",
     )
     path: str = Field("", description="File (dataset = 'local') or dataset name/directory (dataset = 'hf').")
+    eval_path: str = Field("", description="dataset = 'local': the held-out file (same type and field mapping as "
+                           "`path`); empty: hold out eval_fraction of `path`, whole inputs at a time (rows sharing a "
+                           "prompt stay on one side).")
     format: Literal["auto", "prompt_response", "instruction", "text"] = Field(
         "auto",
         description="How records map to prompt/response: prompt_response, instruction (instruction/input/output), "
@@ -92,10 +95,12 @@ class DataConfig(Section):
     text_field: str = Field("text", description="Text column (format text).")
     train_split: str = Field("train", description="Split used for training (dataset = 'hf').")
     eval_split: str = Field("", description="Held-out split (dataset = 'hf'); empty: carve eval_fraction off train.")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the data held out for eval when no eval split exists.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the data held out for eval when no eval "
+                                 "split or file exists (drawn by input: rows sharing a prompt stay together).")
     max_train_samples: int | None = Field(None, gt=0, description="Cap on training samples (seeded subset); none = all.")
     max_eval_samples: int | None = Field(200, gt=0, description="Cap on eval samples (seeded subset); none = all.")
-    max_length: int = Field(128, ge=8, description="Token length after formatting; longer samples are truncated.")
+    max_length: int = Field(128, ge=8, description="Token window after formatting: a longer response is cut; a row "
+                            "whose prompt alone fills it is dropped (counts in the partition report).")
     chat_template: bool = Field(True, description="Format with the tokenizer's chat template where it has one.")
 
 
@@ -103,6 +108,9 @@ class DataConfig(Section):
     def _path_needed(self) -> "DataConfig":
         if self.dataset in ("local", "hf") and not self.path:
             raise ValueError(f"data.path is required when data.dataset = {self.dataset!r}")
+        if self.eval_path and self.dataset != "local":
+            raise ValueError(f"data.eval_path is for data.dataset = 'local'; {self.dataset!r} has its own eval split "
+                             "(hf: data.eval_split)")
         return self
 
 
@@ -124,7 +132,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(8, gt=0, description="Samples per local step.")
     local_steps: int = Field(4, gt=0, description="Optimizer steps per client per round (ignored if local_epochs is set).")
-    local_epochs: float | None = Field(None, gt=0, description="Epochs over the client's data per round; overrides local_steps.")
+    local_epochs: float | None = Field(None, gt=0, description="Passes over the client's data per round, overriding "
+                                       "local_steps: round(local_epochs x its samples) samples in batches of "
+                                       "batch_size, the last one smaller (1: each sample once a round).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; none = no clipping.")
     max_update_ratio: float | None = Field(100.0, gt=0, description=(
         "Reject a client's (or the server's) update when ||new - start|| > max_update_ratio * ||start||, start "

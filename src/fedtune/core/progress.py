@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -30,11 +31,27 @@ class RunProgress:
         ) as progress:
             self._progress = progress
             self._rounds = progress.add_task("rounds", total=total_rounds, completed=done, info="")
-            self._steps = progress.add_task("steps", total=1, info="")
+            self._steps = progress.add_task("client steps (the first turn is starting)", total=1, info="")
             try:
                 yield self
             finally:
                 self._progress = None
+
+    @contextmanager
+    def phase(self, label: str) -> Iterator[None]:
+        """A long step outside the training bars (loading, converting, generating, drawing): a spinner with
+        ``label`` while it runs, then ``label`` with its duration."""
+        if not self.enabled:
+            yield
+            return
+        start = time.perf_counter()
+        if self._progress:  # inside the bars: one live display at a time, so just say it
+            self._progress.console.print(f"{label} ...")
+            yield
+        else:
+            with self.console.status(label):
+                yield
+        self.log(f"{label}: {time.perf_counter() - start:.1f} s")
 
     def round_done(self, info: str = "") -> None:
         if self._progress:

@@ -8,6 +8,7 @@ closing EOS token.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -17,6 +18,31 @@ from fedtune.core.errors import DataError
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Truncation:
+    """What fitting a split's rows into the ``max_length`` window did to them."""
+
+    max_length: int
+    rows: int  # before dropping
+    truncated: int = 0  # kept, their response cut at the window
+    dropped_no_room: int = 0  # the prompt alone fills the window
+    dropped_empty: int = 0  # no response tokens at all
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_no_room + self.dropped_empty
+
+    def warn(self, where: str) -> None:
+        """One warning with the counts, when any row was cut or dropped."""
+        if self.truncated or self.dropped:
+            log.warning("%s: %d of %d rows cut at max_length %d; dropped %d whose prompt fills the window and %d "
+                        "with an empty response", where, self.truncated, self.rows, self.max_length,
+                        self.dropped_no_room, self.dropped_empty)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("max_length", "rows", "truncated", "dropped_no_room", "dropped_empty")}
 
 
 def format_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> str:
@@ -45,25 +71,26 @@ def _leading_bos(tokenizer: Any) -> list[int]:
 def build_example(
     prompt_ids: list[int], response_ids: list[int], eos_id: int | None, max_length: int
 ) -> tuple[list[int], list[int]] | None:
-    """Concatenate and truncate to ``max_length``; None when no response token would survive.
+    """Concatenate and truncate to ``max_length``; None when no response token would fit.
 
-    The prompt keeps its head and is cut to ``max_length - 1`` tokens at most, so a non-empty
-    response always keeps its first token; the response (then EOS) fills the remaining room.
+    The whole prompt is kept (a prompt cut short would lose its end, the chat template's assistant header
+    included); the response (then EOS) fills the remaining room. A row whose prompt alone fills the window, or
+    whose response is empty, gives None.
     """
-    if not response_ids:
+    if not response_ids or len(prompt_ids) >= max_length:
         return None
-    prompt_ids = prompt_ids[: max_length - 1]
     target = (response_ids + ([eos_id] if eos_id is not None else []))[: max_length - len(prompt_ids)]
     return prompt_ids + target, [IGNORE_INDEX] * len(prompt_ids) + target
 
 
 def tokenize_examples(
-    ds: datasets.Dataset, tokenizer: Any, max_length: int, chat_template: bool
+    ds: datasets.Dataset, tokenizer: Any, max_length: int, chat_template: bool, where: str = "data"
 ) -> datasets.Dataset:
     """Add ``input_ids``, ``labels`` (-100 on the prompt) and ``length`` columns.
 
-    Rows whose response has no tokens are dropped (logged as a warning); the count is stored on the
-    result as ``num_dropped``. Deterministic and cache-free (plain Python lists).
+    Rows with no response token to learn (an empty response, or a prompt that fills the window) are dropped;
+    the counts are stored on the result as ``truncation`` (:class:`Truncation`) and ``num_dropped``, and
+    logged as a warning with the rows cut at ``max_length``. Deterministic and cache-free (plain Python lists).
     """
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
@@ -84,21 +111,24 @@ def tokenize_examples(
 
     keep: list[int] = []
     columns: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": []}
+    stats = Truncation(max_length=max_length, rows=len(ds))
     for i, (prefix, p_ids, r_ids) in enumerate(zip(prefixes, prompt_ids, response_ids)):
         built = build_example(prefix + p_ids, r_ids, eos_id, max_length)
         if built is None:
+            stats.dropped_empty += not r_ids
+            stats.dropped_no_room += bool(r_ids)
             continue
         keep.append(i)
+        stats.truncated += len(built[0]) < len(prefix) + len(p_ids) + len(r_ids) + (eos_id is not None)
         columns["input_ids"].append(built[0])
         columns["labels"].append(built[1])
         columns["length"].append(len(built[0]))
 
-    dropped = len(ds) - len(keep)
-    if dropped:
-        log.warning("dropped %d of %d samples with an empty response", dropped, len(ds))
+    stats.warn(where)
     rest = ds.select(keep).remove_columns([c for c in columns if c in ds.column_names]).to_dict()
     out = datasets.Dataset.from_dict({**rest, **columns})
-    out.num_dropped = dropped  # type: ignore[attr-defined]
+    out.truncation = stats  # type: ignore[attr-defined]
+    out.num_dropped = stats.dropped  # type: ignore[attr-defined]
     return out
 
 

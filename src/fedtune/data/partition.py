@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import warnings
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import datasets
@@ -264,99 +261,3 @@ def _check_min(parts: list[list[int]], cfg: PartitionConfig, note: str = "") -> 
 
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed % 2**32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reporting
-
-
-def _entropy(counts: Counter) -> float:
-    total = sum(counts.values())
-    return float(-sum(c / total * math.log(c / total) for c in counts.values() if c)) if total else 0.0
-
-
-def partition_summary(
-    train: datasets.Dataset, parts: list[list[int]], label_column: str | None, num_length_classes: int = 4
-) -> dict[str, Any]:
-    """Per-client sizes, mean token length, top labels (with share and entropy) and length-class mix."""
-    labels = [str(v) for v in list(train[label_column])] if label_column and label_column in train.column_names else None
-    lengths = np.asarray(list(train["length"])) if "length" in train.column_names else None
-    classes, edges = length_classes(lengths, num_length_classes) if lengths is not None else (None, [])
-    clients = []
-    for client, rows in enumerate(parts):
-        entry: dict[str, Any] = {"client": client, "num_samples": len(rows), "mean_length": None}
-        if lengths is not None:
-            entry["mean_length"] = round(float(lengths[rows].mean()), 2) if rows else 0.0
-            entry["length_classes"] = np.bincount(classes[rows], minlength=num_length_classes).tolist()
-        if labels is not None:
-            counts = Counter(labels[i] for i in rows)
-            top = counts.most_common(TOP_LABELS)
-            hist = dict(top)
-            rest = len(rows) - sum(hist.values())
-            if rest:
-                hist[OTHER] = rest
-            entry["labels"] = hist
-            entry["top_label"] = top[0][0] if top else None
-            entry["top_label_share"] = round(top[0][1] / len(rows), 4) if top else 0.0
-            entry["label_entropy"] = round(_entropy(counts), 4)
-        clients.append(entry)
-    return {
-        "label_column": label_column if labels is not None else None,
-        "num_clients": len(parts),
-        "num_samples": int(sum(len(p) for p in parts)),
-        "length_class_edges": edges,
-        "clients": clients,
-    }
-
-
-def format_partition_table(summary: dict[str, Any]) -> str:
-    """A plain-text table: client, samples, mean length, top label and its share."""
-    label = summary.get("label_column")
-    header = f"{'client':>6}  {'samples':>7}  {'mean len':>8}  " + (f"top {label} (share)" if label else "length classes")
-    lines = [header, "-" * len(header)]
-    for c in summary["clients"]:
-        mean = "-" if c.get("mean_length") is None else f"{c['mean_length']:.1f}"
-        if label:
-            extra = f"{c['top_label']} ({c['top_label_share']:.0%})" if c.get("top_label") is not None else "-"
-        else:
-            extra = " ".join(map(str, c.get("length_classes", []))) or "-"
-        lines.append(f"{c['client']:>6}  {c['num_samples']:>7}  {mean:>8}  {extra}")
-    return "\n".join(lines)
-
-
-def plot_partition(summary: dict[str, Any], path: Path) -> None:
-    """PNG with samples per client (bar) and the stacked label (or length-class) mix per client."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    clients = summary["clients"]
-    x = np.arange(len(clients))
-    fig = Figure(figsize=(max(8.0, 0.5 * len(clients) + 7), 4), layout="constrained")
-    FigureCanvasAgg(fig)  # Agg canvas for this figure only; the global pyplot backend is untouched
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.bar(x, [c["num_samples"] for c in clients], color="tab:blue")
-    ax1.set(title="Samples per client", xlabel="client", ylabel="samples", xticks=x)
-
-    use_labels = summary.get("label_column") and all("labels" in c for c in clients)
-    if use_labels:
-        mixes = [c["labels"] for c in clients]
-        title, legend_title = f"{summary['label_column']} mix per client", summary["label_column"]
-    else:
-        mixes = [{f"class {k}": v for k, v in enumerate(c.get("length_classes", []))} for c in clients]
-        title, legend_title = "length-class mix per client", "length class"
-    totals: Counter = Counter()
-    for mix in mixes:
-        totals.update(mix)
-    keys = [k for k, _ in totals.most_common() if k != OTHER] + ([OTHER] if OTHER in totals else [])
-    colors = colormaps["tab20"]
-    bottom = np.zeros(len(clients))
-    for i, key in enumerate(keys):
-        share = np.array([mix.get(key, 0) / max(1, sum(mix.values())) for mix in mixes])
-        ax2.bar(x, share, bottom=bottom, label=key, color="lightgrey" if key == OTHER else colors(i % 20))
-        bottom += share
-    ax2.set(title=title, xlabel="client", ylabel="share", xticks=x, ylim=(0, 1))
-    if keys:
-        ax2.legend(title=legend_title, fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ RawSplits = tuple[datasets.Dataset, datasets.Dataset | None, str | None]
 Loader = Callable[[DataConfig], RawSplits]
 
 DATASETS: Registry[Loader] = Registry("dataset")
+log = logging.getLogger(__name__)
 
 E2E_DIR = Path(__file__).parent / "builtin" / "e2e"
 E2E_INSTRUCTION = "Write a one-sentence restaurant description from these attributes: "
@@ -37,18 +39,28 @@ class DataSplits:
     train: datasets.Dataset
     eval: datasets.Dataset
     label_column: str | None
+    #: The whole held-out data before ``max_eval_samples`` capped it: where a metric prompt's references are
+    #: gathered from (E2E's test file has up to 45 per input).
+    eval_source: datasets.Dataset | None = None
 
 
 def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
-    """Load ``cfg.dataset``, hold out ``eval_fraction`` if it has no eval split, then cap sizes (seeded)."""
+    """Load ``cfg.dataset``, hold out ``eval_fraction`` (by input) if it has no eval split, then cap sizes."""
     train, eval_ds, label_column = DATASETS.get(cfg.dataset)(cfg)
     if eval_ds is None:
         train, eval_ds = _holdout(train, cfg.eval_fraction, _rng(seed, 0))
+    source = eval_ds
     train = _cap(train, cfg.max_train_samples, _rng(seed, 1))
     eval_ds = _cap(eval_ds, cfg.max_eval_samples, _rng(seed, 2))
     if len(train) == 0:
         raise DataError(f"dataset {cfg.dataset!r} has no training samples")
-    return DataSplits(train=train, eval=eval_ds, label_column=label_column)
+    return DataSplits(train=train, eval=eval_ds, label_column=label_column, eval_source=source)
+
+
+def shared_inputs(train: datasets.Dataset, eval_ds: datasets.Dataset) -> int:
+    """Eval rows whose (non-empty) prompt is also a training row's prompt: what a held-out split should not have."""
+    seen = set(train["prompt"])
+    return sum(1 for prompt in eval_ds["prompt"] if prompt and prompt in seen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,8 +94,20 @@ def load_chatterbot(cfg: DataConfig) -> RawSplits:
 
 @DATASETS.register("local")
 def load_local(cfg: DataConfig) -> RawSplits:
-    """A JSONL/JSON, CSV or parquet file; fields mapped to prompt/response by ``cfg.format``."""
-    path = Path(cfg.path).expanduser()
+    """A JSONL/JSON, CSV or parquet file; fields mapped to prompt/response by ``cfg.format``. ``cfg.eval_path``,
+    when set, is the held-out file (same type and mapping)."""
+    train = _read_local(Path(cfg.path).expanduser(), cfg)
+    if not cfg.eval_path:
+        return train, None, None
+    eval_ds = _read_local(Path(cfg.eval_path).expanduser(), cfg)
+    shared = shared_inputs(train, eval_ds)
+    if shared:
+        log.warning("%s: %d of %d eval rows share their prompt with a training row of %s", cfg.eval_path, shared,
+                    len(eval_ds), cfg.path)
+    return train, eval_ds, None
+
+
+def _read_local(path: Path, cfg: DataConfig) -> datasets.Dataset:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     builder = LOCAL_BUILDERS.get(path.suffix.lower())
@@ -96,7 +120,7 @@ def load_local(cfg: DataConfig) -> RawSplits:
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
         raise DataError(f"cannot read {path} as {builder}: {exc}") from exc
     try:
-        return map_fields(ds, cfg, str(path)), None, None
+        return map_fields(ds, cfg, str(path))
     except UnicodeDecodeError as exc:  # a parquet string column holding bytes that are not UTF-8
         raise DataError(f"{path}: a text value is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
                         f"{exc.start} of {bytes(exc.object[:60])!r})") from None
@@ -254,12 +278,31 @@ def _rng(seed: int, salt: int) -> np.random.Generator:
 
 
 def _holdout(ds: datasets.Dataset, fraction: float, rng: np.random.Generator) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """About ``fraction`` of the rows held out, whole inputs at a time (in a seeded order, each input taken while
+    it brings the count closer): rows that share a prompt (several references of one input) land on the same side.
+    Rows with an empty prompt (plain text) are each their own input; with every prompt distinct this is a plain
+    seeded row split."""
     n = len(ds)
     if n < 2:
         raise DataError(f"need at least 2 samples to hold out an eval split, got {n}")
+    groups: dict[object, list[int]] = {}
+    for row, prompt in enumerate(ds["prompt"]):
+        groups.setdefault(prompt or ("row", row), []).append(row)
+    members = list(groups.values())
+    if len(members) < 2:
+        raise DataError(f"need at least 2 distinct prompts to hold out an eval split, got {n} rows of one prompt; "
+                        "set data.eval_path (local files) or data.eval_split (hf)")
     n_eval = min(n - 1, max(1, round(n * fraction)))
-    perm = rng.permutation(n)
-    return ds.select(np.sort(perm[n_eval:])), ds.select(np.sort(perm[:n_eval]))
+    held: list[int] = []
+    for group in rng.permutation(len(members))[:-1]:  # the last group drawn always trains
+        if len(held) >= n_eval:
+            break
+        if len(members[group]) < 2 * (n_eval - len(held)):  # it brings the held-out size closer to n_eval
+            held.extend(members[group])
+    if not held:  # every input has more than twice the eval share of rows: hold out the smallest
+        held = list(min(members, key=len))
+    held_set = set(held)
+    return ds.select([r for r in range(n) if r not in held_set]), ds.select(sorted(held))
 
 
 def _cap(ds: datasets.Dataset, limit: int | None, rng: np.random.Generator) -> datasets.Dataset:

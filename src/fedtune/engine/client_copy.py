@@ -29,7 +29,7 @@ from fedtune.paradigms import PARADIGMS, Paradigm
 
 def local_data_config(cfg: RunConfig, path: str | Path, overrides: dict | None = None) -> DataConfig:
     """The run's data settings pointed at a client's own file (``overrides``: DataConfig fields by name)."""
-    fields = {**cfg.data.model_dump(), "dataset": "local", "path": str(path), **(overrides or {})}
+    fields = {**cfg.data.model_dump(), "dataset": "local", "path": str(path), "eval_path": "", **(overrides or {})}
     unknown = sorted(set(fields) - set(DataConfig.model_fields))
     if unknown:
         raise ConfigError(f"unknown data setting(s) {', '.join(unknown)} in node config; valid: "

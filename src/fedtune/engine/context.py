@@ -17,13 +17,20 @@ import torch
 from fedtune.comm.ledger import Ledger
 from fedtune.comm.transport import Transport
 from fedtune.config import RunConfig
-from fedtune.core.errors import ConfigError
+from fedtune.core.errors import ConfigError, DataError
 from fedtune.core.progress import RunProgress
 from fedtune.data.formatting import collate, format_prompt, tokenize_examples
 from fedtune.data.references import reference_sets
 from fedtune.data.sources import DataSplits, load_splits
 from fedtune.models.flops import ModelCost, model_cost
-from fedtune.models.loading import load_model, load_tokenizer, resolve_device, weightless_model
+from fedtune.models.loading import (
+    convert_bundled,
+    load_model,
+    load_tokenizer,
+    needs_conversion,
+    resolve_device,
+    weightless_model,
+)
 from fedtune.models.lora import attach_lora
 from fedtune.network.simtime import DEFAULT_DEVICE, NetworkSim, default_profiles
 from fedtune.network.workload import round_workload
@@ -67,15 +74,18 @@ class RunContext:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def batches(self, stream: SampleStream, steps: int) -> Iterator[dict[str, torch.Tensor]]:
-        """``steps`` collated batches drawn from ``stream`` (lazily, so a stopped run draws no more)."""
-        for _, batch in self.indexed_batches(stream, steps):
+    def batches(self, stream: SampleStream, steps: int, samples: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """``steps`` collated batches drawn from ``stream`` (lazily, so a stopped run draws no more); with
+        ``samples`` (``fedtune.federated.sampling.local_samples``) the last batch holds what is left of them."""
+        for _, batch in self.indexed_batches(stream, steps, samples):
             yield batch
 
-    def indexed_batches(self, stream: SampleStream, steps: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    def indexed_batches(self, stream: SampleStream, steps: int,
+                        samples: int | None = None) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
         """Like :meth:`batches`, with the sample ids (training row indices) of each batch."""
-        for _ in range(steps):
-            rows = stream.take(self.cfg.train.batch_size)
+        size = self.cfg.train.batch_size
+        for step in range(steps):
+            rows = stream.take(size if samples is None else max(1, min(size, samples - step * size)))
             yield rows, collate([self.train_samples[i] for i in rows], self.pad_token_id)
 
 
@@ -117,18 +127,43 @@ def load_run_data(cfg: RunConfig) -> RunData:
     """Load, check, tokenize and partition the data exactly as a run of ``cfg`` does (no model weights)."""
     splits = load_splits(cfg.data, cfg.seed)
     _check_sizes(cfg, len(splits.eval))
+    partition = _partition_config(cfg, splits.train.column_names)  # checked before the tokenizer loads
     tokenizer = load_tokenizer(cfg.model)
-    train = tokenize_examples(splits.train, tokenizer, cfg.data.max_length, cfg.data.chat_template)
-    evals = tokenize_examples(splits.eval, tokenizer, cfg.data.max_length, cfg.data.chat_template)
+    max_length, template = cfg.data.max_length, cfg.data.chat_template
+    train = tokenize_examples(splits.train, tokenizer, max_length, template, where="training split")
+    evals = tokenize_examples(splits.eval, tokenizer, max_length, template, where="eval split")
+    if len(evals) == 0:
+        raise DataError(f"no eval row keeps a response token within data.max_length {max_length}; raise it")
     reserved = PARADIGMS.get(cfg.paradigm).reserved_rows(cfg, len(train))
-    parts, info = _partitions(cfg, train, splits.label_column, set(reserved))
+    parts, info = _partitions(cfg.model_copy(update={"partition": partition}), train, splits.label_column,
+                              set(reserved))
+    info["truncation"] = train.truncation.as_dict()
     return RunData(splits, tokenizer, train, evals, parts, info, reserved)
+
+
+#: Where a source field of ``data`` ends up after formatting (:func:`fedtune.data.sources.map_fields`).
+FORMATTED_AS = {"prompt_field": "prompt", "instruction_field": "prompt", "response_field": "response",
+                "output_field": "response", "text_field": "response"}
+
+
+def _partition_config(cfg: RunConfig, columns: list[str]):
+    """``cfg.partition`` with its column named as the formatted data names it (a source field mapped to the prompt
+    or response may be given by its own name); a column the data lacks is an error naming the columns."""
+    column = cfg.partition.column
+    if not column or column in columns:
+        return cfg.partition
+    formatted = next((FORMATTED_AS[key] for key in FORMATTED_AS if getattr(cfg.data, key) == column), None)
+    if formatted in columns:
+        return cfg.partition.model_copy(update={"column": formatted})
+    raise DataError(f"partition.column {column!r} is not a column of the data; valid: {', '.join(columns)} (the "
+                    "fields data.prompt_field / response_field name are formatted as 'prompt' / 'response')")
 
 
 def _partitions(cfg: RunConfig, train, label_column: str | None, reserved: set[int]) -> tuple[list[list[int]], dict]:
     """Each client's rows, less the rows the paradigm reserves (before anything is written or planned from them)."""
     # Imported here: flwr-datasets brings seaborn and scipy.stats (1.5 s), which a deployed client's copy never needs.
-    from fedtune.data.partition import partition_indices, partition_summary
+    from fedtune.data.partition import partition_indices
+    from fedtune.data.partition_report import partition_summary
 
     parts = partition_indices(train, cfg.partition, cfg.federation.num_clients, cfg.seed, label_column)
     if reserved:
@@ -149,13 +184,21 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weigh
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
+    if needs_conversion(cfg.model):
+        with progress.phase("converting the bundled SmolLM2 GGUF to safetensors (first use only; cached)"):
+            convert_bundled(cfg.model)
     # Data, tokenizer and partitions before the weights: bad data or an impossible partition is reported at once.
-    data = load_run_data(cfg)
+    with progress.phase(f"data: loading {cfg.data.dataset}, tokenizing, partitioning over "
+                        f"{cfg.federation.num_clients} clients"):
+        data = load_run_data(cfg)
     splits, tokenizer, train, evals = data.splits, data.tokenizer, data.train, data.evals
-    base, model = build_model(cfg, device, weightless)
+    with progress.phase(f"loading the model ({cfg.model.source}{'' if weightless else ', weights'}) and LoRA"):
+        base, model = build_model(cfg, device, weightless)
     _check_positions(cfg, base.config)
     sample = splits.eval[cfg.eval.sample_index]
-    references = reference_sets(splits.eval, cfg.eval.metric_samples) if cfg.eval.metric != "none" else []
+    source = splits.eval_source if splits.eval_source is not None else splits.eval
+    references = (reference_sets(splits.eval["prompt"], zip(source["prompt"], source["response"]),
+                                 cfg.eval.metric_samples) if cfg.eval.metric != "none" else [])
     ledger = Ledger()
     ctx = RunContext(
         cfg=cfg, device=device, model=model, tokenizer=tokenizer, base_model=base,

@@ -35,6 +35,13 @@ def _s(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _kept(cut: float, what: str) -> str:
+    """What a client pruned at rate rho keeps of ``what``: ``1 - cut rho`` of it, or all when pruning spares it."""
+    if cut <= 0:
+        return f"all of its {what} (pruning removes none of them)"
+    return f"1 - {cut:.3f} rho of its {what}"
+
+
 def print_plan(cfg, round: int, console: Console) -> None:
     sim, rp, latencies = plan_round(cfg, round)
     net, w, plan = cfg.network, sim.workload, rp.plan
@@ -44,10 +51,11 @@ def print_plan(cfg, round: int, console: Console) -> None:
     console.print(f"nominal round per client (unpruned): adapter {w.up_bytes / 1e6:.3g} MB up and down, "
                   f"{w.flops.max() / 1e12:.3g} TFLOP, training memory {w.memory_bytes / 1e9:.3g} GB")
     if sim.prunes and net.rho_max > 0:
-        console.print(f"pruned at rate rho, a client keeps 1 - {w.compute_cut:.3f} rho of its FLOPs and "
-                      f"1 - {w.bytes_cut:.3f} rho of its adapter bytes (measured on pruned copies of the model); "
+        console.print(f"pruned at rate rho, a client keeps {_kept(w.compute_cut, 'FLOPs')} and "
+                      f"{_kept(w.bytes_cut, 'adapter bytes')} (measured on pruned copies of the model); "
                       f"latency slack {net.latency_slack:g}")
-    table = Table(title=f"plan ({net.planner})", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(title=f"plan ({net.planner})", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  caption="share: of the band; rho: pruning rate (0 = the whole model); seconds of this round")
     for col in ("client", "device", "dist m", "gain dB", "share", "rho", "comp s", "comm s", "finish s"):
         table.add_column(col, justify="left" if col == "device" else "right", no_wrap=True)
     for i, cid in enumerate(rp.clients):
@@ -60,7 +68,8 @@ def print_plan(cfg, round: int, console: Console) -> None:
                       f"the whole band): client{'s' if len(rp.left_out) > 1 else ''} "
                       f"{', '.join(map(str, rp.left_out))}")
     ref = latencies.get("equal")
-    summary = Table(title="round latency by planner", box=box.SIMPLE_HEAD)
+    summary = Table(title="round latency by planner", box=box.SIMPLE_HEAD,
+                    caption=f"* the configured planner (network.planner = {net.planner!r})")
     summary.add_column("planner")
     summary.add_column("latency s", justify="right")
     summary.add_column("vs equal", justify="right")

@@ -225,14 +225,21 @@ class Runner:
         done = self._restore(folder, paradigm, ctx) if folder is not None else 0
         if done == 0:
             t0 = time.perf_counter()
-            initial = self._evaluate(paradigm, ctx)
-            record = self._round_record(0, None, initial, time.perf_counter() - t0, ctx)
-            self.metrics.append({**record, "task_metrics": task_metrics(ctx)})
+            with progress.phase(f"round 0: the base model's eval loss on {len(ctx.eval_samples)} held-out rows"
+                                f"{self._metric_label(ctx)}"):
+                initial = self._evaluate(paradigm, ctx)
+                record = self._round_record(0, None, initial, time.perf_counter() - t0, ctx)
+                self.metrics.append({**record, "task_metrics": task_metrics(ctx)})
         with progress.run(cfg.federation.rounds, done):
             for round in range(done + 1, cfg.federation.rounds + 1):
                 ev = self._round(round, paradigm, ctx)
                 progress.round_done(f"eval {ev.loss:.4f}" if ev else "")
         return self._finish(paradigm, ctx)
+
+    @staticmethod
+    def _metric_label(ctx: RunContext) -> str:
+        n = len(ctx.metric_prompts)
+        return f", task metric: generating {n} answers" if n and ctx.cfg.eval.metric != "none" else ""
 
     def _round(self, round: int, paradigm: Paradigm, ctx: RunContext) -> EvalResult | None:
         """Train, evaluate, log and checkpoint one round; stop (at that checkpoint) when it leaves nothing to
@@ -287,28 +294,34 @@ class Runner:
 
     # -- outputs -----------------------------------------------------------------------------
     def _write_partition(self, ctx: RunContext) -> None:
-        from fedtune.data.partition import format_partition_table, plot_partition
+        from fedtune.data.partition_report import format_partition_table, plot_partition
 
         atomic_write(self.out / "partition.json", json.dumps(json_safe(ctx.partition_info), indent=1).encode())
         if self.cfg.runtime.plots:
-            plot_partition(ctx.partition_info, self.out / "partition.png")
+            with ctx.progress.phase("drawing partition.png"):
+                plot_partition(ctx.partition_info, self.out / "partition.png")
         if self.cfg.runtime.progress:
             self.console.print(format_partition_table(ctx.partition_info))
 
     def _finish(self, paradigm: Paradigm, ctx: RunContext) -> dict[str, Any]:
+        from fedtune.report.model_card import write_model_card
         from fedtune.report.render import write_report
 
+        progress = ctx.progress
         paradigm.load_global()
         save_adapter(ctx.model, self.out / "adapter")
-        tuned = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
-        with ctx.model.disable_adapter():
-            base = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
-        summary = self._summary(paradigm, ctx, {"prompt": ctx.sample_prompt, "reference": ctx.sample_reference,
-                                                "base": base, "tuned": tuned})
-        summary["final"]["metrics"] = task_metrics(ctx)
+        with progress.phase(f"final: the sample answer (base and tuned){self._metric_label(ctx)}"):
+            tuned = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
+            with ctx.model.disable_adapter():
+                base = generate_answer(ctx.model, ctx.tokenizer, ctx.sample_prompt, self.cfg.eval.max_new_tokens)
+            summary = self._summary(paradigm, ctx, {"prompt": ctx.sample_prompt, "reference": ctx.sample_reference,
+                                                    "base": base, "tuned": tuned})
+            summary["final"]["metrics"] = task_metrics(ctx)
         summary["runtime"] = ctx.backend.info() if ctx.backend is not None else {"backend": self.cfg.runtime.backend}
         atomic_write(self.out / "summary.json", json.dumps(json_safe(summary), indent=1).encode())
-        write_report(self.out, plots=self.cfg.runtime.plots)
+        write_model_card(self.cfg, summary, self.out / "adapter")
+        with progress.phase("report.md" + (", eval_loss.png and partition.png" if self.cfg.runtime.plots else "")):
+            write_report(self.out, plots=self.cfg.runtime.plots)
         return summary
 
     def _summary(self, paradigm: Paradigm, ctx: RunContext, sample: dict[str, str]) -> dict[str, Any]:
@@ -346,6 +359,8 @@ class Runner:
                        "server_peak_bytes": acc.server_peak_memory},
             "time": {"wall_s": acc.wall_s, "simulated_s": sum(r.get("sim_s") or 0.0 for r in records)},
             "clients": clients,
+            "eval": {"rows": len(ctx.eval_samples), "metric_prompts": len(ctx.metric_prompts),
+                     "metric_references": sum(len(refs) for refs in ctx.metric_references)},
             "rejected_updates": sum(acc.rejected.values()),
             "sample": sample,
             "model": {"source": self.cfg.model.source, "name": getattr(ctx.base_model.config, "_name_or_path", ""),

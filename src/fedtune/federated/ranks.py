@@ -49,8 +49,9 @@ def client_ranks(cfg) -> list[int]:
     return [lora.r] * n
 
 
-def check_ranks(cfg) -> None:
-    """Per-client LoRA ranks: one for all or one per client, known profiles, and what they cannot combine with."""
+def check_ranks(cfg, pruned: bool) -> None:
+    """Per-client LoRA ranks: one for all or one per client, known profiles, and what they cannot combine with
+    (``pruned``: the run prunes clients by choice, which the caller knows from its planners)."""
     n, lora, profiles = cfg.federation.num_clients, cfg.lora, cfg.devices.profiles
     if len(lora.ranks) not in (0, 1, n):
         raise ValueError(f"lora.ranks has {len(lora.ranks)} entries but federation.num_clients = {n}; give one "
@@ -70,9 +71,9 @@ def check_ranks(cfg) -> None:
         raise ValueError(f"clients of different LoRA ranks are aggregated by lora.rank_aggregation; "
                          f"federation.strategy = {fed.strategy!r} and lora_aggregation = "
                          f"{fed.lora_aggregation!r} do not apply to them: use 'fedavg' or 'fedprox' and 'factors'")
-    if any(cfg.pruning.rates) or (cfg.network.enabled and cfg.network.rho_max > 0) or cfg.deploy.secure_aggregation:
-        raise ValueError("clients of different LoRA ranks cannot also be pruned (pruning.rates, network.rho_max) "
-                         "or securely summed (deploy.secure_aggregation)")
+    if pruned or cfg.deploy.secure_aggregation:
+        raise ValueError("clients of different LoRA ranks cannot also be pruned (pruning.rates, a pruning "
+                         "network.planner) or securely summed (deploy.secure_aggregation)")
 
 
 def scale(alpha: float, rank: int) -> float:

@@ -89,6 +89,16 @@ def weightless_model(cfg: ModelConfig) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config).to(_dtype(cfg))
 
 
+def needs_conversion(cfg: ModelConfig) -> bool:
+    """Whether the first load of ``cfg``'s model converts the bundled GGUF (once per cache directory)."""
+    return cfg.source == "smollm2" and not (cache_dir(cfg) / SMOLLM2_DIR / "config.json").is_file()
+
+
+def convert_bundled(cfg: ModelConfig) -> Path:
+    """The bundled SmolLM2 as cached safetensors, converting the GGUF now if it has not been."""
+    return _smollm2_dir(cfg)
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The configured model's tokenizer alone (prepared as :func:`load_model` prepares it)."""
     return prepare_tokenizer(MODEL_SOURCES.get(cfg.source)().tokenizer(cfg))

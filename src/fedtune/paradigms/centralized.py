@@ -7,12 +7,14 @@ samples, and the ledger counts those bytes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedtune.comm.messages import Message
 from fedtune.core.errors import TrainingError
 from fedtune.core.seeding import seed_torch
-from fedtune.federated.sampling import local_steps, sample_clients
+from fedtune.federated.sampling import local_samples, local_steps, sample_clients
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.runtime.base import Capabilities
@@ -52,11 +54,14 @@ class Centralized(Paradigm):
         ctx, cfg = self.ctx, self.ctx.cfg
         if round == 1:
             self._pool_data(round)
-        steps = sum(local_steps(cfg, len(ctx.partitions[c])) for c in sample_clients(cfg, round))
+        sizes = [len(ctx.partitions[c]) for c in sample_clients(cfg, round)]
+        # The round's clients' steps pooled; with local_epochs their samples pooled, in full batches but the last.
+        samples = None if cfg.train.local_epochs is None else sum(local_samples(cfg, n) for n in sizes)
+        steps = sum(local_steps(cfg, n) for n in sizes) if samples is None else math.ceil(samples / cfg.train.batch_size)
         seed_torch(cfg.seed, "centralized-train", round)
         ctx.progress.start_steps(f"round {round} centralized", steps)
         result = train_steps(
-            ctx.model, self.optimizer, ctx.batches(self.stream, steps), cost=ctx.cost, device=ctx.device,
+            ctx.model, self.optimizer, ctx.batches(self.stream, steps, samples), cost=ctx.cost, device=ctx.device,
             max_grad_norm=cfg.train.max_grad_norm, on_step=ctx.progress.step,
         )
         out = RoundResult(train_loss=result.mean_loss if result.losses else None, clients=[],

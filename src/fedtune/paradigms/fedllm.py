@@ -34,7 +34,7 @@ from fedtune.federated.ranks import (
     out_of_container,
     upload_at_own_rank,
 )
-from fedtune.federated.sampling import local_steps, sample_clients
+from fedtune.federated.sampling import local_samples, local_steps, sample_clients
 from fedtune.federated.strategies import EXTRA, STRATEGIES, ClientUpdate, needs_whole_updates
 from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_parameters, adapter_state, load_adapter_state, trainable_parameters
@@ -81,10 +81,10 @@ class FedLLM(Paradigm):
                              "give one rate for all clients or one per client")
         if cfg.deploy.secure_aggregation:
             cls._check_secure_aggregation(cfg)
-        check_ranks(cfg)
-        needs = needs_whole_updates(cfg.federation)
         net = cfg.network
         pruned = any(rates) or (net.enabled and net.planner in PRUNING_PLANNERS and net.rho_max > 0)
+        check_ranks(cfg, pruned)
+        needs = needs_whole_updates(cfg.federation)
         if needs and (pruned or cfg.deploy.secure_aggregation):
             raise ValueError(f"{needs} needs each client's whole update, which pruned clients (pruning.rates, "
                              f"network.planner in {PRUNING_PLANNERS}) and a secure sum (deploy.secure_aggregation) "
@@ -211,12 +211,12 @@ class FedLLM(Paradigm):
         keep = cfg.train.keep_optimizer_state
         if keep and job.state.get("optimizer"):
             load_optimizer_tensors(optimizer, job.state["optimizer"])  # a pruned client whose rate changed: fresh
-        steps = local_steps(cfg, len(stream.indices))
+        steps, samples = local_steps(cfg, len(stream.indices)), local_samples(cfg, len(stream.indices))
         side = self.strategy.client_side(extra, job.state.get("strategy"), adapter_parameters(model))
         ctx.progress.start_steps(f"round {round} client {cid}", steps)
         with client_rank(model, rank):  # PEFT's alpha / r of the client's own rank (a no-op at the global rank)
             result = train_steps(
-                model, optimizer, ctx.batches(stream, steps),
+                model, optimizer, ctx.batches(stream, steps, samples),
                 cost=cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
                 regularizer=lambda: self.strategy.regularizer(params, anchors),
                 before_step=side.before_step if side else None, on_step=ctx.progress.step,
@@ -330,7 +330,7 @@ class FedLLM(Paradigm):
         """Expand pruned adapters to full size, average each coordinate over the clients that kept it, then let the
         strategy step from the global state to that mean (FedAvg: the mean itself; FedAdam: its server step).
         Memory can force pruning under any planner, so a strategy that needs whole updates is refused here too."""
-        needs = needs_whole_updates(self.ctx.cfg.federation)
+        needs = needs_whole_updates(self.ctx.cfg.federation) or (self.heterogeneous and "aggregating per-client LoRA ranks")
         if needs:
             raise ConfigError(f"{needs} needs each client's whole update, but clients {sorted(masks)} train pruned "
                               "models (their memory is below the model's); use federation.strategy 'fedavg' with "

@@ -36,7 +36,7 @@ from fedtune.comm.messages import Message
 from fedtune.core.errors import ConfigError
 from fedtune.core.seeding import numpy_rng, seed_torch
 from fedtune.data.formatting import collate
-from fedtune.federated.sampling import local_steps, sample_clients
+from fedtune.federated.sampling import local_samples, local_steps, sample_clients
 from fedtune.kd.aggregation import SoftLabels, aggregate_logits
 from fedtune.kd.client_models import ClientModel, build_client_models
 from fedtune.kd.distill import distill_loss
@@ -216,7 +216,7 @@ class KDFed(Paradigm):
         soft = SoftLabels.from_tensors(job.download.tensors) if job.download is not None else None
         seed_torch(cfg.seed, "kd-client-train", round, cid)
         params = trainable_parameters(cm.model)
-        steps = local_steps(cfg, len(stream.indices))
+        steps, samples = local_steps(cfg, len(stream.indices)), local_samples(cfg, len(stream.indices))
         record = {"flops": 0, "losses": [], "failure": None}
         if soft is not None:
             record = self._distill_only(cm, params, public, soft, kd.distill_steps, kd.beta)
@@ -228,7 +228,7 @@ class KDFed(Paradigm):
         if record["failure"] is None:
             optimizer = make_optimizer(params, cfg.train.lr, cfg.train.weight_decay)
             result = train_steps(
-                cm.model, optimizer, ctx.batches(stream, steps),
+                cm.model, optimizer, ctx.batches(stream, steps, samples),
                 cost=cm.cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
                 regularizer=regularizer, on_step=ctx.progress.step,
             )

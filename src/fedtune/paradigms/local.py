@@ -9,7 +9,7 @@ with the most training samples; every client's own eval loss goes to the round r
 from __future__ import annotations
 
 from fedtune.core.seeding import seed_torch
-from fedtune.federated.sampling import local_steps, sample_clients
+from fedtune.federated.sampling import local_samples, local_steps, sample_clients
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.paradigms.client_eval import ClientEvaluations, largest_client
@@ -35,10 +35,11 @@ class LocalOnly(Paradigm):
         load_adapter_state(ctx.model, self.client_states[cid])
         seed_torch(cfg.seed, "client-train", round, cid)
         params = trainable_parameters(ctx.model)
-        steps = local_steps(cfg, len(self.streams[cid].indices))
+        n = len(self.streams[cid].indices)
+        steps, samples = local_steps(cfg, n), local_samples(cfg, n)
         ctx.progress.start_steps(f"round {round} client {cid}", steps)
         result = train_steps(ctx.model, make_optimizer(params, cfg.train.lr, cfg.train.weight_decay),
-                             ctx.batches(self.streams[cid], steps), cost=ctx.cost, device=ctx.device,
+                             ctx.batches(self.streams[cid], steps, samples), cost=ctx.cost, device=ctx.device,
                              max_grad_norm=cfg.train.max_grad_norm, on_step=ctx.progress.step)
         state = adapter_state(ctx.model)
         failure = result.failure or (None if all_finite(state) else "non-finite adapter weights")

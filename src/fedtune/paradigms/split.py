@@ -26,7 +26,7 @@ from fedtune.compression.adapters import AdapterCoder
 from fedtune.compression.channels import SplitChannels
 from fedtune.core.errors import ConfigError, RoundAbortedError
 from fedtune.core.seeding import numpy_rng
-from fedtune.federated.sampling import local_steps, sample_clients
+from fedtune.federated.sampling import local_samples, local_steps, sample_clients
 from fedtune.models.lora import adapter_state, load_adapter_state
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.runtime.base import Capabilities, ClientJob, ClientLost, lost_records, with_quorum
@@ -148,6 +148,7 @@ class SplitFed(Paradigm):
                                     AdapterCoder(c.adapter_download_codec, c.entropy),
                                     AdapterCoder(c.adapter_codec, c.entropy))
         self.cut_history: dict[int, list[int]] = {c: [k] for c, k in self.cuts.items()}
+        self._counts_before: dict[str, tuple[int, int]] = {}  # each reusing interface's (sent, offered) at round start
         self._sessions_done = 0
 
     @property
@@ -188,6 +189,7 @@ class SplitFed(Paradigm):
         return ClientJob(round, cid, download,
                          {"stream": self.streams[cid].state_dict(), "cut": cut.head,
                           "steps": local_steps(self.ctx.cfg, len(self.streams[cid].indices)),
+                          "samples": local_samples(self.ctx.cfg, len(self.streams[cid].indices)),
                           "thetas": dict(self.channels.thetas)})
 
     def _session(self, round: int, cid: int, server_body: TensorDict) -> Session:
@@ -236,6 +238,8 @@ class SplitFed(Paradigm):
     # -- the round ----------------------------------------------------------------------------
     def run_round(self, round: int) -> RoundResult:
         saved = self.channels.round_state()
+        self._counts_before = {n: (self.channels[n].counts.sent, self.channels[n].counts.total)
+                               for n in self.channels.controllers}
         try:
             return self._round(round)
         except RoundAbortedError:  # the run stops at the last complete round: leave the channels as they were
@@ -309,7 +313,11 @@ class SplitFed(Paradigm):
         if self.channels.controllers:
             extra["thresholds"] = {n: [t[2] for t in traj if t[0] == round]
                                    for n, traj in self.channels.trajectory.items()}
-            extra["upload_ratio"] = {n: self.channels[n].counts.ratio for n in self.channels.controllers}
+            counts = {n: self.channels[n].counts for n in self.channels.controllers}
+            before = {n: self._counts_before.get(n, (0, 0)) for n in counts}
+            extra["upload_ratio_round"] = {n: (c.sent - before[n][0]) / (c.total - before[n][1])
+                                           if c.total > before[n][1] else 1.0 for n, c in counts.items()}
+            extra["upload_ratio_cumulative"] = {n: c.ratio for n, c in counts.items()}
         return extra
 
     def _aggregate(self, sessions: dict[int, Session], shared_body: TensorDict | None) -> None:

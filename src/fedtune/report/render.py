@@ -70,6 +70,7 @@ def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("Eval loss (before → after)", _before_after(initial.get("eval_loss"), final.get("eval_loss"), 4)),
         ("Perplexity (before → after)", _before_after(initial.get("eval_ppl"), final.get("eval_ppl"), 2)),
         *_metric_rows(initial.get("metrics") or {}, final.get("metrics") or {}),
+        *_metric_scope(summary.get("eval") or {}),
         ("Uplink", format_bytes(comm.get("uplink_bytes"))),
         ("Downlink", format_bytes(comm.get("downlink_bytes"))),
         ("Total bytes", format_bytes(total)),
@@ -87,6 +88,13 @@ def _metric_rows(initial: dict[str, float], final: dict[str, float]) -> list[tup
             for name in sorted(set(initial) | set(final))]
 
 
+def _metric_scope(ev: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the task metric was scored on (prompts and all their references), where the summary says."""
+    if not ev.get("metric_prompts"):
+        return []
+    return [("Task metric scored on", f"{ev['metric_prompts']} prompts, {ev['metric_references']} references")]
+
+
 def _split_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """Extra rows for split runs (exchange bytes, cut layers) and compressed runs (reductions)."""
     comm, rows = summary.get("comm") or {}, []
@@ -96,7 +104,9 @@ def _split_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         cuts = [c.get("cut_layer") for c in summary.get("clients") or [] if c.get("cut_layer")]
         if cuts:
             rows.append(("Cut layers (start → end)", " ".join(f"{h[0]}→{h[-1]}" for h in cuts)))
-    if "uplink_reduction" in comm:
+    if "uplink_reduction" in comm and not comm["uplink_reduction"] and not summary.get("compression"):
+        rows.append(("Compression", "none (uncompressed: [compression] method and codecs off)"))
+    elif "uplink_reduction" in comm:
         rows += [("Uplink reduction", f"{100 * comm['uplink_reduction']:.2f} %"),
                  ("Total reduction", f"{100 * comm['total_reduction']:.2f} %")]
     return rows
@@ -254,6 +264,8 @@ def _sample_section(sample: dict[str, Any]) -> list[str]:
 
 
 def _partition_section(run_dir: Path) -> list[str]:
+    from fedtune.data.partition_report import short_label, truncation_line
+
     part = _read_json(run_dir / "partition.json")
     has_png = (run_dir / "partition.png").is_file()
     if not part and not has_png:
@@ -265,22 +277,30 @@ def _partition_section(run_dir: Path) -> list[str]:
         for c in part.get("clients") or []:
             labels = c.get("labels") or {}
             top = sorted(labels.items(), key=lambda kv: -kv[1])[:5]
-            label_text = ", ".join(f"{k}: {v}" for k, v in top) + (" …" if len(labels) > 5 else "")
+            label_text = ", ".join(f"{short_label(k)}: {v}" for k, v in top) + (" …" if len(labels) > 5 else "")
             mix = c.get("length_classes") or {}
             mix = dict(enumerate(mix)) if isinstance(mix, list) else mix
             classes = ", ".join(f"{k}: {v}" for k, v in mix.items())
-            mean_len = c.get("mean_length")
-            rows.append([c.get("client", NA), c.get("num_samples", NA), fmt_num(mean_len, 1), label_text or "—", classes or "—"])
+            rows.append([c.get("client", NA), c.get("num_samples", NA), fmt_num(c.get("mean_length"), 1),
+                         _length_spread(c.get("length")), label_text or "—", classes or "—"])
         if rows:
-            lines += [*md_table(["Client", "Samples", "Mean length", "Labels", "Length classes"], rows, "lrrll"), ""]
+            header = ["Client", "Samples", "Mean length", "Length median / p90 / max", "Labels", "Length classes"]
+            lines += [*md_table(header, rows, "lrrrll"), ""]
+        window = truncation_line(part.get("truncation"))
+        if window:
+            lines += [window + ".", ""]
     if has_png:
         lines += ["![Data partition](partition.png)", ""]
     return lines
 
 
+def _length_spread(stats: dict[str, Any] | None) -> str:
+    return "—" if not stats else f"{stats['median']:g} / {stats['p90']:g} / {stats['max']}"
+
+
 def write_report(run_dir: Path, plots: bool = True) -> Path:
-    """(Re)build ``report.md`` and (with ``plots``) ``eval_loss.png`` in ``run_dir`` from its metrics and summary;
-    return the report path."""
+    """(Re)build ``report.md`` and (with ``plots``) ``eval_loss.png`` and ``partition.png`` in ``run_dir`` from its
+    metrics, summary and partition.json; return the report path."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     raw_summary = _read_json(run_dir / "summary.json")
@@ -290,6 +310,11 @@ def write_report(run_dir: Path, plots: bool = True) -> Path:
         from fedtune.report.plots import plot_eval_loss
 
         plot_eval_loss(metrics, run_dir / "eval_loss.png", title=f"{name}: evaluation loss")
+        partition = _read_json(run_dir / "partition.json")
+        if partition.get("clients"):
+            from fedtune.data.partition_report import plot_partition
+
+            plot_partition(partition, run_dir / "partition.png")
 
     lines = [f"# fedtune run: {name}", ""]
     if not raw_summary:

@@ -97,7 +97,7 @@ class ClientSide(_Side):
     side = "client"
 
     def __init__(self, trainer: SplitTrainer, round: int, cid: int, cut: Cut, adapter: TensorDict,
-                 stream: SampleStream, steps: int, thetas: dict[str, float]) -> None:
+                 stream: SampleStream, steps: int, thetas: dict[str, float], samples: int | None = None) -> None:
         super().__init__(trainer, cid, thetas)
         cfg = self.ctx.cfg
         self.cut, self.stream = cut, stream
@@ -108,7 +108,7 @@ class ClientSide(_Side):
         seed_torch(cfg.seed, "split-train", round, cid)
         self.opt = make_optimizer(trainer.params(blocks), cfg.train.lr, cfg.train.weight_decay)
         self.meter = MemoryMeter(self.device, by_tensors=True)
-        self.batches = self.ctx.indexed_batches(stream, steps)
+        self.batches = self.ctx.indexed_batches(stream, steps, samples)
         self.pending: _Pending | None = None
         self.ctx.model.train()
 
@@ -324,12 +324,12 @@ class LocalServer:
 
 def open_client_side(trainer: SplitTrainer, job) -> ClientSide:
     """The client's half of a session from its job (``download``: its blocks; ``state``: stream position, cut, steps,
-    thresholds)."""
+    samples, thresholds)."""
     state = job.state
     cut = trainer.cut(state["cut"])
     adapter = trainer.download_coder.decode(job.download, adapter_state(trainer.ctx.model), trainer.client_keys(cut))
     return ClientSide(trainer, job.round, job.client, cut, adapter, trainer.stream(job.client, state["stream"]),
-                      state["steps"], state["thetas"])
+                      state["steps"], state["thetas"], state.get("samples"))
 
 
 def open_server_side(trainer: SplitTrainer, job, body: TensorDict) -> ServerSide:
