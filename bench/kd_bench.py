@@ -25,13 +25,19 @@ resumed.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from variant_runs import Outcome, VariantRunner, add_run_arguments, labels_with, publish
+from variant_runs import (
+    SHORT_WARMUP,
+    Outcome,
+    VariantRunner,
+    parse_variant_args,
+    publish,
+    reused_note,
+)
 
 MORE = ["kd.public_samples=128", "kd.distill_steps=4"]
 VARIANTS = {
@@ -94,25 +100,15 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser, config="configs/compare.toml", out="bench/out/kd")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
-    args = parser.parse_args()
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in chosen if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    args, chosen = parse_variant_args(__doc__, "configs/compare.toml", "bench/out/kd", VARIANTS)
     started, out = time.perf_counter(), Path(args.out)
     runner = VariantRunner(args.config, args.set, out, args.fresh, None if args.no_warmup else
-                           ["paradigm=kd", "federation.rounds=1", "train.local_steps=1", "data.max_eval_samples=8",
-                            "eval.max_new_tokens=4"])
+                           ["paradigm=kd", *SHORT_WARMUP])
     outcomes = {"kd": [runner.run("kd", v, VARIANTS[v], []) for v in chosen]}
     rows = [row_of(o) for o in outcomes["kd"]]
     md = ["# KD-FedLLM against local-only and FedLLM", "", f"config {args.config} {' '.join(args.set)}".rstrip(), "",
           *table(rows), "", "## Goals", "", *assess(rows)]
-    reused = labels_with(outcomes, "reused")
-    if reused:
-        md += ["", f"reused (a finished run of the same configuration): {', '.join(reused)}"]
+    md += reused_note(outcomes)
     publish(out, md, {"args": vars(args), "rows": rows}, started)
     return 0
 

@@ -18,12 +18,11 @@ It prints eval loss, task metric, total bytes and each client's rank and bytes u
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from variant_runs import VariantRunner, add_run_arguments, labels_with, publish
+from variant_runs import SHORT_WARMUP, VariantRunner, parse_variant_args, publish, reused_note
 
 HETERO = ["lora.r=16", "lora.ranks=[2, 4, 8, 16]"]
 VARIANTS = {
@@ -34,19 +33,10 @@ MB = 1e6
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser, config="configs/compare.toml", out="bench/out/lora-ranks")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
-    args = parser.parse_args()
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in chosen if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    args, chosen = parse_variant_args(__doc__, "configs/compare.toml", "bench/out/lora-ranks", VARIANTS)
     started, out = time.perf_counter(), Path(args.out)
     sets = [*args.set, "paradigm=fedllm", "federation.num_clients=4"]
-    runner = VariantRunner(args.config, sets, out, args.fresh, None if args.no_warmup else
-                           ["federation.rounds=1", "train.local_steps=1", "data.max_eval_samples=8",
-                            "eval.max_new_tokens=4"])
+    runner = VariantRunner(args.config, sets, out, args.fresh, None if args.no_warmup else SHORT_WARMUP)
     outcomes = {"ranks": [runner.run("ranks", v, VARIANTS[v], []) for v in chosen]}
     md = ["# Heterogeneous LoRA ranks", "", f"config {args.config} {' '.join(sets)}".rstrip(), "",
           "| variant | eval loss (before → after) | BLEU / ROUGE-L | total MB | ranks (start → end) | "
@@ -68,9 +58,7 @@ def main() -> int:
                   + " ".join(f"{c['downlink_bytes'] / MB:.2f}" for c in clients) + " |")
         rows.append({"variant": o.variant, "final_eval_loss": s["final"]["eval_loss"], "metrics": m,
                      "total_bytes": s["comm"]["total_bytes"], "clients": clients})
-    reused = labels_with(outcomes, "reused")
-    if reused:
-        md += ["", f"reused: {', '.join(reused)}"]
+    md += reused_note(outcomes)
     publish(out, md, {"args": vars(args), "rows": rows}, started)
     return 0
 

@@ -47,6 +47,29 @@ def add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str) ->
     parser.add_argument("--out", default=out)
 
 
+#: Overrides of the short untimed warm-up run the benches on configs/compare.toml start with.
+SHORT_WARMUP = ["federation.rounds=1", "train.local_steps=1", "data.max_eval_samples=8", "eval.max_new_tokens=4"]
+
+
+def chosen_variants(parser: argparse.ArgumentParser, listed: str, valid: dict[str, Any]) -> list[str]:
+    """The comma-separated ``listed`` variants, or a parser error naming the unknown ones and the valid ones."""
+    chosen = [v.strip() for v in listed.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in valid]
+    if unknown:
+        parser.error(f"unknown variant {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return chosen
+
+
+def parse_variant_args(doc: str, config: str, out: str, valid: dict[str, Any]) -> tuple[argparse.Namespace, list[str]]:
+    """The command line of a bench whose only own option is ``--variants`` (default: all of ``valid``): (args, the
+    chosen variants)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, config=config, out=out)
+    parser.add_argument("--variants", default=",".join(valid), help=f"subset of {','.join(valid)}")
+    args = parser.parse_args()
+    return args, chosen_variants(parser, args.variants, valid)
+
+
 def num_layers(cfg: RunConfig) -> int | None:
     """Transformer blocks of the configured model without loading it (None when unknown)."""
     if cfg.model.source == "tiny":
@@ -157,6 +180,12 @@ class VariantRunner:
 def labels_with(outcomes: dict[str, list[Outcome]], status: str) -> list[str]:
     """Labels of the outcomes with ``status`` (e.g. reused, resumed)."""
     return [o.label for group in outcomes.values() for o in group if o.status == status]
+
+
+def reused_note(outcomes: dict[str, list[Outcome]]) -> list[str]:
+    """The markdown lines naming the variants reused from a finished run of the same configuration (none: [])."""
+    reused = labels_with(outcomes, "reused")
+    return ["", f"reused (a finished run of the same configuration): {', '.join(reused)}"] if reused else []
 
 
 def publish(out: Path, md: list[str], data: dict[str, Any], started: float) -> None:
