@@ -74,7 +74,8 @@ def assess(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["variant"] in ("local", "fedllm") or r["final_eval_loss"] is None:
             continue
-        vs_local, vs_fed = r["final_eval_loss"] / local["final_eval_loss"], r["final_eval_loss"] / fed["final_eval_loss"]
+        loss = r["final_eval_loss"]
+        vs_local, vs_fed = loss / local["final_eval_loss"], loss / fed["final_eval_loss"]
         fewer = fed["total_bytes"] / r["total_bytes"] if r["total_bytes"] else float("inf")
         met = vs_local <= BELOW_LOCAL and vs_fed <= NEAR_FEDLLM and fewer >= FEWER_BYTES
         lines.append(f"- {r['variant']}: {vs_local:.3f} x local (goal ≤ {BELOW_LOCAL}), {vs_fed:.3f} x fedllm "

@@ -154,7 +154,8 @@ def test_hf_failure_is_data_error(tmp_path):
 
 def test_a_repeated_input_is_held_out_whole(tmp_path):
     """Rows sharing a prompt (several references of one input) land on one side of the held-out split."""
-    records = [{"prompt": f"input {i}", "response": f"reference {j} of {i}"} for i in range(30) for j in range(1 + i % 4)]
+    records = [{"prompt": f"input {i}", "response": f"reference {j} of {i}"}
+               for i in range(30) for j in range(1 + i % 4)]
     path = _write_jsonl(tmp_path / "refs.jsonl", records)
     s = load_splits(DataConfig(dataset="local", path=str(path), eval_fraction=0.2, max_eval_samples=None), seed=3)
     assert not set(s.eval["prompt"]) & set(s.train["prompt"])

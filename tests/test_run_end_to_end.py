@@ -182,7 +182,8 @@ def test_every_long_phase_is_labelled(tmp_path, tiny_config):
     cfg = tiny_config("runtime.progress=true", "federation.rounds=1")
     Runner(cfg, tmp_path / "run", console=Console(file=text, width=200)).run()
     out = text.getvalue()
-    for label in ("data: loading e2e, tokenizing, partitioning over 3 clients:", "loading the model (tiny, weights)",
+    for label in ("data: loading e2e:", "data: tokenizing, partitioning over 3 clients:",
+                  "loading the model (tiny, weights)",
                   "round 0: the base model's eval loss on", "task metric: generating",
                   "final: the sample answer (base and tuned)", "report.md:"):
         assert label in out, label

@@ -19,6 +19,7 @@ class RunProgress:
         self._progress: Progress | None = None
         self._rounds = None
         self._steps = None
+        self._in_phase = False  # a phase's spinner is showing
 
     @contextmanager
     def run(self, total_rounds: int, done: int = 0) -> Iterator["RunProgress"]:
@@ -45,12 +46,16 @@ class RunProgress:
             yield
             return
         start = time.perf_counter()
-        if self._progress:  # inside the bars: one live display at a time, so just say it
-            self._progress.console.print(f"{label} ...")
+        if self._progress or self._in_phase:  # one live display at a time: inside the bars or a phase, just say it
+            self.log(f"{label} ...")
             yield
         else:
-            with self.console.status(label):
-                yield
+            self._in_phase = True
+            try:
+                with self.console.status(label):
+                    yield
+            finally:
+                self._in_phase = False
         self.log(f"{label}: {time.perf_counter() - start:.1f} s")
 
     def round_done(self, info: str = "") -> None:

@@ -127,7 +127,8 @@ def plot_partition(summary: dict[str, Any], path: Path) -> None:
     use_labels = summary.get("label_column") and all("labels" in c for c in clients)
     if use_labels:
         mixes = [c["labels"] for c in clients]
-        title, legend_title = f"{short_label(summary['label_column'])} mix per client", short_label(summary["label_column"])
+        legend_title = short_label(summary["label_column"])
+        title = f"{legend_title} mix per client"
     else:
         mixes = [{f"class {k}": v for k, v in enumerate(c.get("length_classes", []))} for c in clients]
         title, legend_title = "length-class mix per client", "length class"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Iterable
 
 
-def reference_sets(prompts: Iterable[str], source: Iterable[tuple[str, str]], limit: int) -> list[tuple[str, list[str]]]:
+def reference_sets(prompts: Iterable[str], source: Iterable[tuple[str, str]],
+                   limit: int) -> list[tuple[str, list[str]]]:
     """The first ``limit`` distinct ``prompts`` (in order), each with every response ``source`` (pairs of prompt
     and response) gives for it.
 

@@ -277,7 +277,8 @@ def _rng(seed: int, salt: int) -> np.random.Generator:
     return np.random.default_rng([seed % 2**32, salt])
 
 
-def _holdout(ds: datasets.Dataset, fraction: float, rng: np.random.Generator) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _holdout(ds: datasets.Dataset, fraction: float,
+             rng: np.random.Generator) -> tuple[datasets.Dataset, datasets.Dataset]:
     """About ``fraction`` of the rows held out, whole inputs at a time (in a seeded order, each input taken while
     it brings the count closer): rows that share a prompt (several references of one input) land on the same side.
     Rows with an empty prompt (plain text) are each their own input; with every prompt distinct this is a plain

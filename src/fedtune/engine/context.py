@@ -74,7 +74,8 @@ class RunContext:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def batches(self, stream: SampleStream, steps: int, samples: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, stream: SampleStream, steps: int,
+                samples: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """``steps`` collated batches drawn from ``stream`` (lazily, so a stopped run draws no more); with
         ``samples`` (``fedtune.federated.sampling.local_samples``) the last batch holds what is left of them."""
         for _, batch in self.indexed_batches(stream, steps, samples):
@@ -123,20 +124,27 @@ class RunData:
     reserved: list[int]  # rows the paradigm keeps out of every partition (KD's public set)
 
 
-def load_run_data(cfg: RunConfig) -> RunData:
-    """Load, check, tokenize and partition the data exactly as a run of ``cfg`` does (no model weights)."""
-    splits = load_splits(cfg.data, cfg.seed)
-    _check_sizes(cfg, len(splits.eval))
-    partition = _partition_config(cfg, splits.train.column_names)  # checked before the tokenizer loads
-    tokenizer = load_tokenizer(cfg.model)
-    max_length, template = cfg.data.max_length, cfg.data.chat_template
-    train = tokenize_examples(splits.train, tokenizer, max_length, template, where="training split")
-    evals = tokenize_examples(splits.eval, tokenizer, max_length, template, where="eval split")
-    if len(evals) == 0:
-        raise DataError(f"no eval row keeps a response token within data.max_length {max_length}; raise it")
-    reserved = PARADIGMS.get(cfg.paradigm).reserved_rows(cfg, len(train))
-    parts, info = _partitions(cfg.model_copy(update={"partition": partition}), train, splits.label_column,
-                              set(reserved))
+def load_run_data(cfg: RunConfig, progress: RunProgress | None = None) -> RunData:
+    """Load, check, tokenize and partition the data exactly as a run of ``cfg`` does (no model weights); the data's
+    own errors come before the tokenizer loads (and, on first use, the bundled model is converted)."""
+    progress = progress or RunProgress(False)
+    with progress.phase(f"data: loading {cfg.data.dataset}"):
+        splits = load_splits(cfg.data, cfg.seed)
+        _check_sizes(cfg, len(splits.eval))
+        partition = _partition_config(cfg, splits.train.column_names)
+    if needs_conversion(cfg.model):
+        with progress.phase("converting the bundled SmolLM2 GGUF to safetensors (first use only; cached)"):
+            convert_bundled(cfg.model)
+    with progress.phase(f"data: tokenizing, partitioning over {cfg.federation.num_clients} clients"):
+        tokenizer = load_tokenizer(cfg.model)
+        max_length, template = cfg.data.max_length, cfg.data.chat_template
+        train = tokenize_examples(splits.train, tokenizer, max_length, template, where="training split")
+        evals = tokenize_examples(splits.eval, tokenizer, max_length, template, where="eval split")
+        if len(evals) == 0:
+            raise DataError(f"no eval row keeps a response token within data.max_length {max_length}; raise it")
+        reserved = PARADIGMS.get(cfg.paradigm).reserved_rows(cfg, len(train))
+        parts, info = _partitions(cfg.model_copy(update={"partition": partition}), train, splits.label_column,
+                                  set(reserved))
     info["truncation"] = train.truncation.as_dict()
     return RunData(splits, tokenizer, train, evals, parts, info, reserved)
 
@@ -184,13 +192,8 @@ def build_context(cfg: RunConfig, progress: RunProgress, run_dir: Path, *, weigh
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
-    if needs_conversion(cfg.model):
-        with progress.phase("converting the bundled SmolLM2 GGUF to safetensors (first use only; cached)"):
-            convert_bundled(cfg.model)
     # Data, tokenizer and partitions before the weights: bad data or an impossible partition is reported at once.
-    with progress.phase(f"data: loading {cfg.data.dataset}, tokenizing, partitioning over "
-                        f"{cfg.federation.num_clients} clients"):
-        data = load_run_data(cfg)
+    data = load_run_data(cfg, progress)
     splits, tokenizer, train, evals = data.splits, data.tokenizer, data.train, data.evals
     with progress.phase(f"loading the model ({cfg.model.source}{'' if weightless else ', weights'}) and LoRA"):
         base, model = build_model(cfg, device, weightless)

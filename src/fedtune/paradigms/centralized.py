@@ -57,7 +57,8 @@ class Centralized(Paradigm):
         sizes = [len(ctx.partitions[c]) for c in sample_clients(cfg, round)]
         # The round's clients' steps pooled; with local_epochs their samples pooled, in full batches but the last.
         samples = None if cfg.train.local_epochs is None else sum(local_samples(cfg, n) for n in sizes)
-        steps = sum(local_steps(cfg, n) for n in sizes) if samples is None else math.ceil(samples / cfg.train.batch_size)
+        batch = cfg.train.batch_size
+        steps = sum(local_steps(cfg, n) for n in sizes) if samples is None else math.ceil(samples / batch)
         seed_torch(cfg.seed, "centralized-train", round)
         ctx.progress.start_steps(f"round {round} centralized", steps)
         result = train_steps(

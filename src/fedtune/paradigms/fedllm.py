@@ -330,7 +330,7 @@ class FedLLM(Paradigm):
         """Expand pruned adapters to full size, average each coordinate over the clients that kept it, then let the
         strategy step from the global state to that mean (FedAvg: the mean itself; FedAdam: its server step).
         Memory can force pruning under any planner, so a strategy that needs whole updates is refused here too."""
-        needs = needs_whole_updates(self.ctx.cfg.federation) or (self.heterogeneous and "aggregating per-client LoRA ranks")
+        needs = needs_whole_updates(self.ctx.cfg.federation) or (self.heterogeneous and "per-client LoRA ranks")
         if needs:
             raise ConfigError(f"{needs} needs each client's whole update, but clients {sorted(masks)} train pruned "
                               "models (their memory is below the model's); use federation.strategy 'fedavg' with "
