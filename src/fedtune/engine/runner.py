@@ -320,8 +320,8 @@ class Runner:
         summary["runtime"] = ctx.backend.info() if ctx.backend is not None else {"backend": self.cfg.runtime.backend}
         atomic_write(self.out / "summary.json", json.dumps(json_safe(summary), indent=1).encode())
         write_model_card(self.cfg, summary, self.out / "adapter")
-        with progress.phase("report.md" + (", eval_loss.png and partition.png" if self.cfg.runtime.plots else "")):
-            write_report(self.out, plots=self.cfg.runtime.plots)
+        with progress.phase("report.md" + (" and eval_loss.png" if self.cfg.runtime.plots else "")):
+            write_report(self.out, plots=self.cfg.runtime.plots, redraw_partition=False)  # drawn at the start
         return summary
 
     def _summary(self, paradigm: Paradigm, ctx: RunContext, sample: dict[str, str]) -> dict[str, Any]:

@@ -298,9 +298,10 @@ def _length_spread(stats: dict[str, Any] | None) -> str:
     return "—" if not stats else f"{stats['median']:g} / {stats['p90']:g} / {stats['max']}"
 
 
-def write_report(run_dir: Path, plots: bool = True) -> Path:
+def write_report(run_dir: Path, plots: bool = True, redraw_partition: bool = True) -> Path:
     """(Re)build ``report.md`` and (with ``plots``) ``eval_loss.png`` and ``partition.png`` in ``run_dir`` from its
-    metrics, summary and partition.json; return the report path."""
+    metrics, summary and partition.json (``redraw_partition`` false: only a missing partition.png); return the
+    report path."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     raw_summary = _read_json(run_dir / "summary.json")
@@ -311,7 +312,7 @@ def write_report(run_dir: Path, plots: bool = True) -> Path:
 
         plot_eval_loss(metrics, run_dir / "eval_loss.png", title=f"{name}: evaluation loss")
         partition = _read_json(run_dir / "partition.json")
-        if partition.get("clients"):
+        if partition.get("clients") and (redraw_partition or not (run_dir / "partition.png").is_file()):
             from fedtune.data.partition_report import plot_partition
 
             plot_partition(partition, run_dir / "partition.png")
