@@ -117,6 +117,50 @@ def _add_deploy(sub) -> None:
     creds.set_defaults(handler=_deploy_credentials)
 
 
+def _probe(args: argparse.Namespace, console: Console) -> None:
+    import torch
+
+    from fedtune.config import load_config
+    from fedtune.engine.context import build_model, load_run_data
+    from fedtune.models.loading import resolve_device
+    from fedtune.report.leakage import print_leakage, setting_notes, write_leakage
+    from fedtune.split.leakage import InverterSettings, probe_leakage
+
+    cfg = load_config(args.config, args.set)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    data = load_run_data(cfg)
+    _, model = build_model(cfg, resolve_device(cfg.runtime.device))
+    victims, public = data.evals["input_ids"][:args.samples], data.train["input_ids"][:args.public]
+    console.print(f"[bold]fedtune probe leakage[/] {cfg.name}: {len(victims)} victim texts, {len(public)} public")
+    inverter = InverterSettings() if args.inverter_steps is None else InverterSettings(steps=args.inverter_steps)
+    report = probe_leakage(model, victims, public, int(data.tokenizer.pad_token_id),
+                           cuts=[int(c) for c in args.cuts.split(",")], noise=[float(n) for n in args.noise.split(",")],
+                           seed=cfg.seed, batch_size=cfg.train.batch_size, inverter=inverter)
+    report.notes = setting_notes(cfg, len(victims), len(public))
+    print_leakage(report, console)
+    json_path, md_path = write_leakage(report, Path(args.out or Path("runs") / f"leakage-{cfg.name}"))
+    console.print(f"wrote {json_path} and {md_path}")
+
+
+def _add_probe(sub) -> None:
+    probe = sub.add_parser("probe", help="measure what a configuration leaks").add_subparsers(
+        dest="probe_command", required=True)
+    leakage = probe.add_parser("leakage", help="split learning: how many input tokens the server recovers from "
+                               "the cut-layer activations, per cut and activation noise")
+    leakage.add_argument("config", help="TOML config of the run (model, data)")
+    leakage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    leakage.add_argument("--cuts", default="1,2,3,6", help="comma-separated cut layers (those the model allows)")
+    leakage.add_argument("--noise", default="0", help="comma-separated activation noise ratios")
+    leakage.add_argument("--samples", type=int, default=32, help="victim texts from the eval split")
+    leakage.add_argument("--public", type=int, default=256, help="public inverter-training texts from the "
+                         "training split")
+    leakage.add_argument("--inverter-steps", type=int, help="training steps of the learned inverter "
+                         "(default: InverterSettings.steps of fedtune.split.leakage)")
+    leakage.add_argument("--out", help="folder for leakage.json and leakage.md (default runs/leakage-NAME)")
+    leakage.set_defaults(handler=_probe)
+
+
 def _report(args: argparse.Namespace, console: Console) -> None:
     from fedtune.report.render import write_report
 
@@ -175,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     partition.set_defaults(handler=_partition)
 
     _add_deploy(sub)
+    _add_probe(sub)
 
     report = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     report.add_argument("run_dir")

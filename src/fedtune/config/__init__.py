@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from fedtune.config.base import OwnedKeysSection, Section, none_as_text, registered, registry_at
 from fedtune.config.federation import CustomDevice, DevicesConfig, FederationConfig, NetworkConfig
 from fedtune.config.paradigms import CompressionConfig, KDConfig, PruningConfig, SplitConfig
+from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.sections import (
     CheckpointConfig,
     DataConfig,
@@ -35,7 +36,7 @@ from fedtune.core.errors import ConfigError
 
 __all__ = ["CheckpointConfig", "CompressionConfig", "CustomDevice", "DataConfig", "DeployConfig", "DevicesConfig", "EvalConfig",
            "FederationConfig", "KDConfig", "LoraConfig", "ModelConfig", "NetworkConfig", "PartitionConfig",
-           "PruningConfig", "RunConfig", "RuntimeConfig", "Section", "SplitConfig", "TinyModelConfig", "TrainConfig",
+           "PrivacyConfig", "PruningConfig", "RunConfig", "RuntimeConfig", "Section", "SplitConfig", "TinyModelConfig", "TrainConfig",
            "build_config", "describe_fields", "load_config", "parse_override", "apply_override"]
 
 
@@ -57,6 +58,7 @@ class RunConfig(Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
@@ -76,6 +78,17 @@ class RunConfig(Section):
         n, p = self.federation.num_clients, self.devices.profiles
         if len(p) not in (0, 1, n):
             raise ValueError(f"devices.profiles has {len(p)} entries; give one, or one per client ({n})")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_paradigms(self) -> "RunConfig":
+        p = self.privacy
+        for key, on, paradigms in (("client_dp", p.client_level, ("fedllm", "kd")),
+                                   ("sample_dp", p.sample_dp, ("fedllm",)),
+                                   ("activation_noise", p.activation_noise > 0, ("split",))):
+            if on and self.paradigm not in paradigms:
+                raise ValueError(f"privacy.{key} applies to paradigm {' and '.join(map(repr, paradigms))}; "
+                                 f"paradigm is {self.paradigm!r}")
         return self
 
     @model_validator(mode="after")

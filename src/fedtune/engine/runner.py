@@ -29,7 +29,8 @@ from fedtune.paradigms import PARADIGMS, Paradigm, RoundResult, reads_key
 from fedtune.training.evaluation import EvalResult, evaluate, task_metrics
 
 #: Keys that may differ between a checkpoint and the run resuming it (they don't change the results).
-RESUMABLE_CHANGES = ("name", "runtime", "checkpoint", "federation.rounds", "federation.stop_after_rejected_rounds")
+RESUMABLE_CHANGES = ("name", "runtime", "checkpoint", "federation.rounds", "federation.stop_after_rejected_rounds",
+                     "privacy.target_epsilon")
 
 
 _ABSENT = object()
@@ -219,6 +220,7 @@ class Runner:
         cfg = self.cfg
         folder = self._prepare_dir(resume)
         progress = RunProgress(cfg.runtime.progress, self.console)
+        self.stopped: dict[str, Any] | None = None
         ctx = self._ctx = build_context(cfg, progress, self.out, backend_resources=self.backend_resources)
         self._write_partition(ctx)
         paradigm = PARADIGMS.get(cfg.paradigm)(ctx)
@@ -232,6 +234,10 @@ class Runner:
                 self.metrics.append({**record, "task_metrics": task_metrics(ctx)})
         with progress.run(cfg.federation.rounds, done):
             for round in range(done + 1, cfg.federation.rounds + 1):
+                reason = paradigm.stop_before(round)
+                if reason:
+                    self._stop_early(round, reason, paradigm, ctx)
+                    break
                 ev = self._round(round, paradigm, ctx)
                 progress.round_done(f"eval {ev.loss:.4f}" if ev else "")
         return self._finish(paradigm, ctx)
@@ -276,6 +282,15 @@ class Runner:
                     f"stop_after_rejected_rounds = {limit}; reasons in round {round}: {'; '.join(reasons)})")
         return None
 
+    def _stop_early(self, round: int, reason: str, paradigm: Paradigm, ctx: RunContext) -> None:
+        """End the run before ``round`` with a result (its checkpoint is that of round - 1: a resume with a larger
+        budget continues it)."""
+        saved = int(self.checkpointer.latest_folder().name.split("-")[1]) if self.checkpointer.exists() else -1
+        if saved != round - 1:
+            self._save(round - 1, paradigm, ctx)
+        self.stopped = {"before_round": round, "reason": reason}
+        ctx.progress.log(f"[yellow]stopped before round {round}: {reason}")
+
     def _stop_at_checkpoint(self, exc: RoundAbortedError, paradigm: Paradigm, ctx: RunContext) -> None:
         """A round cannot complete (too few clients replied, the split server was lost): checkpoint the last
         complete round (unless it already is) and stop.
@@ -317,6 +332,8 @@ class Runner:
             summary = self._summary(paradigm, ctx, {"prompt": ctx.sample_prompt, "reference": ctx.sample_reference,
                                                     "base": base, "tuned": tuned})
             summary["final"]["metrics"] = task_metrics(ctx)
+        if self.stopped:
+            summary["stopped"] = self.stopped
         summary["runtime"] = ctx.backend.info() if ctx.backend is not None else {"backend": self.cfg.runtime.backend}
         atomic_write(self.out / "summary.json", json.dumps(json_safe(summary), indent=1).encode())
         write_model_card(self.cfg, summary, self.out / "adapter")

@@ -107,3 +107,13 @@ def aggregate_logits(uploads: list[tuple[torch.Tensor, torch.Tensor | None]], *,
         out_probs.append(torch.where(mask[:, None], dense, torch.zeros_like(dense)))
         out_mask.append(mask)
     return SoftLabels(torch.cat(out_idx) if k else None, torch.cat(out_probs), torch.cat(out_mask))
+
+
+def private_soft_labels(mean_probs: torch.Tensor, candidates: torch.Tensor | None) -> SoftLabels:
+    """Soft labels from the noised mean of the clients' probabilities at the candidates (client-level DP): negative
+    entries (noise) set to 0, each position renormalised; a position left with no mass is masked out."""
+    probs = mean_probs.float().clamp_min(0)
+    total = probs.sum(dim=-1, keepdim=True)
+    mask = total[:, 0] > 0
+    probs = torch.where(mask[:, None], probs / total.clamp_min(1e-30), torch.zeros_like(probs))
+    return SoftLabels(None if candidates is None else candidates.to(torch.int32), probs, mask)

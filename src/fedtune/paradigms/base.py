@@ -89,6 +89,10 @@ class Paradigm:
         """Paradigm-specific summary entries: {"comm": {...}, "clients": {id: {...}}, other sections}."""
         return {}
 
+    def stop_before(self, round: int) -> str | None:
+        """Why the run must end before ``round`` (e.g. it would spend more than its privacy budget); None: go on."""
+        return None
+
     def run_round(self, round: int) -> RoundResult:
         raise NotImplementedError
 

@@ -26,7 +26,6 @@ from fedtune.data.formatting import collate
 from fedtune.federated.masked import masked_fedavg
 from fedtune.federated.ranks import (
     RANK_AGGREGATIONS,
-    check_ranks,
     client_rank,
     client_ranks,
     from_global,
@@ -39,14 +38,16 @@ from fedtune.federated.strategies import EXTRA, STRATEGIES, ClientUpdate, needs_
 from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_parameters, adapter_state, load_adapter_state, trainable_parameters
 from fedtune.models.pruning import MAX_RATE, PruneMask, Pruner, expand_adapter, slice_adapter, state_bytes
-from fedtune.network.planner import PRUNING_PLANNERS
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
+from fedtune.paradigms.fedllm_checks import check_fedllm_config
+from fedtune.privacy.run_privacy import RunPrivacy
 from fedtune.runtime.base import Capabilities, ClientJob, ClientReply
 from fedtune.training.steps import (
     all_finite,
     load_optimizer_tensors,
     make_optimizer,
     optimizer_tensors,
+    sample_mean_loss,
     train_steps,
     update_norm_failure,
 )
@@ -75,41 +76,7 @@ class FedLLM(Paradigm):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        n, rates = cfg.federation.num_clients, cfg.pruning.rates
-        if len(rates) not in (0, 1, n):
-            raise ValueError(f"pruning.rates has {len(rates)} entries but federation.num_clients = {n}; "
-                             "give one rate for all clients or one per client")
-        if cfg.deploy.secure_aggregation:
-            cls._check_secure_aggregation(cfg)
-        net = cfg.network
-        pruned = any(rates) or (net.enabled and net.planner in PRUNING_PLANNERS and net.rho_max > 0)
-        check_ranks(cfg, pruned)
-        needs = needs_whole_updates(cfg.federation)
-        if needs and (pruned or cfg.deploy.secure_aggregation):
-            raise ValueError(f"{needs} needs each client's whole update, which pruned clients (pruning.rates, "
-                             f"network.planner in {PRUNING_PLANNERS}) and a secure sum (deploy.secure_aggregation) "
-                             "do not give the server")
-
-    @staticmethod
-    def _check_secure_aggregation(cfg) -> None:
-        """What a secure sum (the server sees only the weighted mean of equally shaped adapters) rules out."""
-        if cfg.runtime.backend != "flower":
-            raise ValueError("deploy.secure_aggregation runs Flower's SecAgg+ between a ServerApp and its "
-                             f"SuperNodes: set runtime.backend = 'flower' (it is {cfg.runtime.backend!r})")
-        if any(cfg.pruning.rates):
-            raise ValueError("deploy.secure_aggregation cannot average pruned adapters per coordinate (a secure "
-                             "sum adds equally shaped vectors): set pruning.rates = []")
-        if cfg.network.enabled:
-            raise ValueError("deploy.secure_aggregation cannot follow a simulated network's plan (pruned clients, "
-                             "and stragglers left out once their masked adapters are in the sum): set "
-                             "network.planner = 'none'")
-        if cfg.federation.sampled < 2:
-            raise ValueError("deploy.secure_aggregation needs at least 2 clients per round "
-                             "(federation.clients_per_round)")
-        if cfg.federation.sampled * cfg.deploy.secagg_quantization_range >= 2**32:
-            raise ValueError(f"{cfg.federation.sampled} clients per round x deploy.secagg_quantization_range "
-                             f"{cfg.deploy.secagg_quantization_range} overflows SecAgg+'s 2^32 modulus: lower "
-                             "the quantization range")
+        check_fedllm_config(cfg)
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -125,6 +92,7 @@ class FedLLM(Paradigm):
         self.initial_ranks = client_ranks(cfg)
         self.ranks = list(self.initial_ranks)  # a hetlora client may prune its own rank
         self.heterogeneous = any(r != cfg.lora.r for r in self.ranks)
+        self.privacy = RunPrivacy(cfg)
 
     def _calibration_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The pruning calibration set: ``pruning.calibration_samples`` training samples drawn with the run's seed."""
@@ -174,6 +142,7 @@ class FedLLM(Paradigm):
         rank, global_rank = self.ranks[cid], self.ctx.cfg.lora.r
         if self.heterogeneous:
             state["rank"] = rank
+        state.update(self.privacy.instruction())
         if rank < global_rank:
             down = Message("global_adapter", from_global(self.global_state, rank, global_rank), {"rank": rank})
         elif mask is None:
@@ -214,14 +183,15 @@ class FedLLM(Paradigm):
         steps, samples = local_steps(cfg, len(stream.indices)), local_samples(cfg, len(stream.indices))
         side = self.strategy.client_side(extra, job.state.get("strategy"), adapter_parameters(model))
         ctx.progress.start_steps(f"round {round} client {cid}", steps)
-        with client_rank(model, rank):  # PEFT's alpha / r of the client's own rank (a no-op at the global rank)
+        with client_rank(model, rank), self.privacy.training(model, optimizer, round, cid) as (run, step):  # DP-SGD
             result = train_steps(
-                model, optimizer, ctx.batches(stream, steps, samples),
+                run, step, ctx.batches(stream, steps, samples),
                 cost=cost, device=ctx.device, max_grad_norm=cfg.train.max_grad_norm,
                 regularizer=lambda: self.strategy.regularizer(params, anchors),
                 before_step=side.before_step if side else None, on_step=ctx.progress.step,
+                loss_fn=sample_mean_loss if cfg.privacy.sample_dp else None,
             )
-        stats = {"flops": result.flops, "peak_memory": result.peak_memory_bytes, "rate": rate}
+        stats = {"flops": result.flops, "peak_memory": result.peak_memory_bytes, "rate": rate, "steps": result.steps}
         update = adapter_state(model)
         if rank < cfg.lora.r:
             update = out_of_container(update, rank)
@@ -235,7 +205,8 @@ class FedLLM(Paradigm):
         if failure:
             return ClientReply(cid, Message("client_failure", meta={"reason": failure}), state,
                                {**stats, "failure": failure})
-        meta = {"num_samples": len(stream.indices), "train_loss": result.mean_loss}
+        update, dp_meta = self.privacy.client_upload(update, download, job.state, round, cid)  # adaptive's bit
+        meta = {"num_samples": len(stream.indices), "train_loss": result.mean_loss, **dp_meta}
         if "rank" in job.state:
             update, meta["rank"] = upload_at_own_rank(update, rank, cfg.lora)
         if mask is not None:
@@ -255,6 +226,9 @@ class FedLLM(Paradigm):
             return None, {**stats, "failure": up.meta["reason"]}
         if "rank" in up.meta:
             self.ranks[cid] = int(up.meta["rank"])
+        stats["dp"] = {k: v for k, v in up.meta.items() if k.startswith("dp_")}
+        if self.privacy.sample is not None:
+            self.privacy.sample.observe(cid, reply.stats.get("steps", 0), len(self.streams[cid].indices))
         return ClientUpdate(cid, up.meta["num_samples"], up.tensors, up.meta["train_loss"]), stats
 
     def train_client(self, round: int, cid: int) -> tuple[ClientUpdate | None, dict]:
@@ -265,10 +239,15 @@ class FedLLM(Paradigm):
             return None, {"flops": 0, "peak_memory": 0, "rate": 0.0, "mask": None, "failure": replies.lost[cid]}
         return self._accept(replies.replies[cid])
 
+    def round_clients(self, round: int) -> list[int]:
+        """The clients asked in ``round``: the sampled ones the simulated network can reach."""
+        left_out = self.ctx.network.left_out(round) if self.ctx.network is not None else []
+        return [cid for cid in sample_clients(self.ctx.cfg, round) if cid not in left_out]
+
     def run_round(self, round: int) -> RoundResult:
         network = self.ctx.network
         left_out = network.left_out(round) if network is not None else []
-        clients = [cid for cid in sample_clients(self.ctx.cfg, round) if cid not in left_out]
+        clients = self.round_clients(round)
         out = RoundResult(train_loss=None, clients=clients)
         for cid in left_out:  # could not meet network.deadline_s even alone on the whole band: not asked
             out.rejected.append({"client": cid, "reason": "out_of_reach"})
@@ -276,6 +255,7 @@ class FedLLM(Paradigm):
                                   "(out of reach): left out")
         updates: list[ClientUpdate] = []
         masks: dict[int, PruneMask] = {}
+        dp_meta: dict[int, dict] = {}
         jobs = [self.client_job(round, cid) for cid in clients]
         rates: list[float] = [job.state["rate"] for job in jobs]
         if self.ctx.cfg.deploy.secure_aggregation:  # the uploads carry no tensors: only their mean arrives
@@ -299,27 +279,36 @@ class FedLLM(Paradigm):
                 self.ctx.progress.log(f"[yellow]round {round}: client {cid} missed network.deadline_s (straggler)")
             else:
                 updates.append(update)
+                dp_meta[cid] = stats.get("dp", {})
         if updates:
+            self.global_state = self._new_global(round, updates, masks, mean, dp_meta)
             total = sum(u.num_samples for u in updates)
-            if mean is not None:
-                self.global_state = self.strategy.aggregate(self.global_state,
-                                                            [ClientUpdate(-1, total, mean, float("nan"))])
-            elif masks:
-                self.global_state = self._aggregate_pruned(updates, masks)
-            elif self.heterogeneous:
-                cfg = self.ctx.cfg
-                mean = RANK_AGGREGATIONS.get(cfg.lora.rank_aggregation)(
-                    self.global_state, [(u, self.ranks[u.client]) for u in updates], cfg.lora.r, cfg.lora.alpha)
-                self.global_state = self.strategy.aggregate(self.global_state,
-                                                            [ClientUpdate(-1, total, mean, float("nan"))])
-            else:
-                self.global_state = self.strategy.aggregate(self.global_state, updates)
             out.train_loss = sum(u.train_loss * u.num_samples for u in updates) / total
+        out.extra.update(self.privacy.record())
         if any(rates):
             out.extra["pruning_rates"] = rates
             for cid, rate in zip(clients, rates):
                 self.pruning_history.setdefault(cid, []).append([round, rate])
         return out
+
+    def _new_global(self, round: int, updates: list[ClientUpdate], masks: dict[int, PruneMask],
+                    secure_mean: dict[str, torch.Tensor] | None, dp_meta: dict[int, dict]) -> dict[str, torch.Tensor]:
+        """The next global adapter: the strategy's step to the mean (secure, pruned, private, mixed-rank or plain)."""
+        if masks:
+            return self._aggregate_pruned(updates, masks)
+        if secure_mean is not None:
+            mean = secure_mean
+        elif self.privacy.client is not None:
+            mean = self.privacy.client.private_mean([u.tensors for u in updates], [dp_meta[u.client] for u in updates],
+                                                    round, [u.client for u in updates])
+        elif self.heterogeneous:
+            lora = self.ctx.cfg.lora
+            mean = RANK_AGGREGATIONS.get(lora.rank_aggregation)(
+                self.global_state, [(u, self.ranks[u.client]) for u in updates], lora.r, lora.alpha)
+        else:
+            return self.strategy.aggregate(self.global_state, updates)
+        total = sum(u.num_samples for u in updates)
+        return self.strategy.aggregate(self.global_state, [ClientUpdate(-1, total, mean, float("nan"))])
 
     def _straggler(self, round: int, cid: int, stats: dict) -> bool:
         """Whether the simulated network (if any) says this client's finished turn missed the round deadline."""
@@ -330,7 +319,8 @@ class FedLLM(Paradigm):
         """Expand pruned adapters to full size, average each coordinate over the clients that kept it, then let the
         strategy step from the global state to that mean (FedAvg: the mean itself; FedAdam: its server step).
         Memory can force pruning under any planner, so a strategy that needs whole updates is refused here too."""
-        needs = needs_whole_updates(self.ctx.cfg.federation) or (self.heterogeneous and "per-client LoRA ranks")
+        needs = (needs_whole_updates(self.ctx.cfg.federation) or (self.heterogeneous and "per-client LoRA ranks")
+                 or (self.privacy.client is not None and "client-level DP (privacy.client_dp)"))
         if needs:
             raise ConfigError(f"{needs} needs each client's whole update, but clients {sorted(masks)} train pruned "
                               "models (their memory is below the model's); use federation.strategy 'fedavg' with "
@@ -357,6 +347,8 @@ class FedLLM(Paradigm):
                                 for cid, r in enumerate(self.initial_ranks)}
             lora = self.ctx.cfg.lora
             extra["lora_ranks"] = {"aggregation": lora.rank_aggregation, "global_rank": lora.r}
+        if self.privacy.summary():
+            extra["privacy"] = self.privacy.summary()
         if not self.pruning_history:
             return extra
         seq = self.ctx.cfg.data.max_length
@@ -386,6 +378,7 @@ class FedLLM(Paradigm):
             **({"optimizer_states": self.optimizer_states} if self.optimizer_states else {}),
             **({"client_strategy_states": self.client_strategy_states} if self.client_strategy_states else {}),
             **({"ranks": self.ranks} if self.heterogeneous else {}),
+            "privacy": self.privacy.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -398,3 +391,10 @@ class FedLLM(Paradigm):
         self.optimizer_states = {int(c): dict(s) for c, s in state.get("optimizer_states", {}).items()}
         self.client_strategy_states = {int(c): dict(s) for c, s in state.get("client_strategy_states", {}).items()}
         self.ranks = [int(r) for r in state.get("ranks", self.initial_ranks)]
+        if "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
+
+    def stop_before(self, round: int) -> str | None:
+        sizes = [len(stream.indices) for stream in self.streams]
+        return self.privacy.stop_reason(self.round_clients(round), lambda c: local_steps(self.ctx.cfg, sizes[c]),
+                                        sizes.__getitem__)

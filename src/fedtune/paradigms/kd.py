@@ -37,13 +37,16 @@ from fedtune.core.errors import ConfigError
 from fedtune.core.seeding import numpy_rng, seed_torch
 from fedtune.data.formatting import collate
 from fedtune.federated.sampling import local_samples, local_steps, sample_clients
-from fedtune.kd.aggregation import SoftLabels, aggregate_logits
+from fedtune.kd.aggregation import SoftLabels, aggregate_logits, private_soft_labels
 from fedtune.kd.client_models import ClientModel, build_client_models
 from fedtune.kd.distill import distill_loss
-from fedtune.models.flops import forward_flops, train_flops
+from fedtune.kd.public_outputs import public_outputs
+from fedtune.models.flops import train_flops
 from fedtune.models.lora import adapter_state, load_adapter_state, trainable_parameters
 from fedtune.paradigms.base import PARADIGMS, Paradigm, RoundResult
 from fedtune.paradigms.client_eval import ClientEvaluations, largest_client
+from fedtune.paradigms.kd_checks import check_kd_config
+from fedtune.privacy.client_dp import ClientDP
 from fedtune.runtime.base import DISCLOSE, Capabilities, ClientJob, ClientReply
 from fedtune.training.steps import all_finite, guarded_step, make_optimizer, train_steps, update_norm_failure
 from fedtune.training.streams import SampleStream
@@ -64,14 +67,7 @@ class KDFed(Paradigm):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        names, known, n = cfg.kd.client_models, {"main", *cfg.kd.models}, cfg.federation.num_clients
-        if len(names) not in (0, 1, n):
-            raise ValueError(f"kd.client_models has {len(names)} entries but federation.num_clients = {n}; "
-                             "give one name for all clients or one per client")
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise ValueError(f"kd.client_models: unknown model(s) {unknown}; valid: {', '.join(sorted(known))} "
-                             "(define others under [kd.models.NAME])")
+        check_kd_config(cfg)
 
     @classmethod
     def reserved_rows(cls, cfg, num_train: int) -> list[int]:
@@ -104,6 +100,8 @@ class KDFed(Paradigm):
         self.client_states = [adapter_state(self.models[name].model) for name in self.model_names]
         self.server_state = adapter_state(ctx.model) if kd.server_model else None
         self.soft: SoftLabels | None = None
+        self.dp = ClientDP(cfg) if cfg.privacy.client_level else None
+        self.candidates: torch.Tensor | None = None  # DP: the tokens whose probabilities clients share (server's)
         self.streams = [SampleStream(part, cfg.seed, cid) for cid, part in enumerate(ctx.partitions)]
         public_range = list(range(len(self.public)))
         self.public_streams = [SampleStream(public_range, cfg.seed, f"kd-public-{cid}") for cid in range(len(parts))]
@@ -166,29 +164,12 @@ class KDFed(Paradigm):
                 break
         return record
 
-    @torch.no_grad()
-    def public_logits(self, cm: ClientModel) -> tuple[Message, int]:
-        """``cm``'s top-k logits on every public position, and the forward FLOPs it took."""
-        ctx, kd = self.ctx, self.ctx.cfg.kd
-        cm.model.eval()
-        values, indices, flops = [], [], 0
-        size = ctx.cfg.eval.batch_size
-        for start in range(0, len(self.public), size):
-            batch = collate(self.public[start : start + size], ctx.pad_token_id)
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            logits = cm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            flat = logits[:, :-1][batch["labels"][:, 1:] != -100].float()
-            if kd.topk:
-                top = flat.topk(min(kd.topk, flat.shape[-1]), dim=-1)
-                values.append(top.values.half().cpu())
-                indices.append(top.indices.to(torch.int32).cpu())
-            else:
-                values.append(flat.half().cpu())
-            bsz, seq = batch["input_ids"].shape
-            flops += forward_flops(cm.cost, tokens=bsz * seq, seq_len=seq)
-        tensors = {"values": torch.cat(values)}
-        if indices:
-            tensors["indices"] = torch.cat(indices)
+    def public_logits(self, cm: ClientModel, candidates: torch.Tensor | None = None,
+                      private: bool = False) -> tuple[Message, int]:
+        """``cm``'s top-k logits on every public position (DP: its probabilities at ``candidates``), and FLOPs."""
+        kd = self.ctx.cfg.kd
+        tensors, flops = public_outputs(cm, self.public, self.ctx, kd.topk, candidates=candidates, private=private,
+                                        temperature=kd.temperature)
         return Message("public_logits", tensors, {"topk": kd.topk, "num_positions": self.num_positions}), flops
 
     # -- a client's turn -----------------------------------------------------------------------
@@ -196,10 +177,14 @@ class KDFed(Paradigm):
         """Server side of a client's turn: the soft labels it downloads (from round 2 on) and its private state
         (its own adapter and its private and public stream positions)."""
         down = None
-        if self.soft is not None:
-            down = Message("soft_labels", self.soft.tensors(), {"round": round - 1})
+        soft = self.soft.tensors() if self.soft is not None else {}
+        if self.dp is not None and self.candidates is not None:
+            soft["dp_candidates"] = self.candidates
+        if soft:
+            down = Message("soft_labels", soft, {"round": round - 1})
         state = {"adapter": self.client_states[cid], "stream": self.streams[cid].state_dict(),
-                 "public_stream": self.public_streams[cid].state_dict()}
+                 "public_stream": self.public_streams[cid].state_dict(),
+                 **(self.dp.instruction() if self.dp is not None else {})}
         if self.server_state is None and cid == self.largest:  # its adapter is the evaluated model
             state[DISCLOSE] = ["adapter"]
         return ClientJob(round, cid, down, state)
@@ -213,7 +198,9 @@ class KDFed(Paradigm):
         public = replace(self.public_streams[cid], **job.state["public_stream"])
         cm = self.client_model(cid)
         load_adapter_state(cm.model, job.state["adapter"])
-        soft = SoftLabels.from_tensors(job.download.tensors) if job.download is not None else None
+        got = dict(job.download.tensors) if job.download is not None else {}
+        candidates = got.pop("dp_candidates", None)
+        soft = SoftLabels.from_tensors(got) if got else None
         seed_torch(cfg.seed, "kd-client-train", round, cid)
         params = trainable_parameters(cm.model)
         steps, samples = local_steps(cfg, len(stream.indices)), local_samples(cfg, len(stream.indices))
@@ -247,7 +234,11 @@ class KDFed(Paradigm):
             load_adapter_state(cm.model, job.state["adapter"])
             return ClientReply(cid, Message("client_failure", meta={"reason": failure}), positions,
                                {**stats, "failure": failure})
-        message, fwd = self.public_logits(cm)
+        message, fwd = self.public_logits(cm, candidates, private=self.dp is not None)
+        if self.dp is not None:  # clipped (and, local DP, noised) on the client; zeros: no download to subtract
+            probs, meta = self.dp.client_upload(message.tensors, {"probs": torch.zeros_like(message.tensors["probs"])},
+                                                job.state, round, cid)
+            message = Message("public_probs", probs, {**message.meta, **(meta if cfg.privacy.adaptive_clip else {})})
         stats["flops"] += fwd
         if ctx.client_side:  # deployed: only this machine holds the adapter, so it evaluates it (client_eval_loss)
             stats["eval_loss"] = self.client_eval.evaluate(ctx, cm.model)
@@ -293,7 +284,9 @@ class KDFed(Paradigm):
         ctx, kd = self.ctx, self.ctx.cfg.kd
         clients = sample_clients(ctx.cfg, round)
         out = RoundResult(train_loss=None, clients=clients)
-        uploads, losses, distill = [], [], []
+        uploads, losses, distill, metas = [], [], [], []
+        if self.dp is not None:
+            out.server_flops += self._choose_candidates()
         replies = ctx.backend.run_clients(self, [self.client_job(round, cid) for cid in clients])
         out.rejected.extend(replies.lost_records())  # turns lost to a dead or late worker (Ray backend)
         for cid in clients:
@@ -310,11 +303,17 @@ class KDFed(Paradigm):
                 out.rejected.append({"client": cid, "reason": stats["failure"]})
                 ctx.progress.log(f"[yellow]round {round}: client {cid} rejected: {stats['failure']}")
                 continue
-            uploads.append((message.tensors["values"], message.tensors.get("indices")))
+            uploads.append(message.tensors if self.dp is not None else (message.tensors["values"],
+                                                                          message.tensors.get("indices")))
+            metas.append(message.meta)
             losses.append((stats["train_loss"], len(self.streams[cid].indices)))
-        if uploads:
+        if uploads and self.dp is not None:
+            mean = self.dp.private_mean(uploads, metas, round, [c for c in clients if c in replies.replies])
+            self.soft = private_soft_labels(mean["probs"], self.candidates)
+        elif uploads:
             self.soft = aggregate_logits(uploads, temperature=kd.temperature, topk=kd.topk,
                                          vocab_size=self.vocab_size, method=kd.aggregation)
+        if uploads:
             if self.server_state is not None:
                 out.server_flops += self._server_distill(round)
             total = sum(n for _, n in losses)
@@ -325,6 +324,7 @@ class KDFed(Paradigm):
         out.extra["client_eval_loss"] = self.client_eval.by_client()
         out.extra["mean_client_eval_loss"] = self.client_eval.mean()
         out.extra["distill_loss"] = sum(distill) / len(distill) if distill else None
+        out.extra.update(self.dp.record() if self.dp is not None else {})
         out.extra["soft_label_positions"] = int(self.soft.mask.sum()) if self.soft is not None else 0
         return out
 
@@ -346,6 +346,7 @@ class KDFed(Paradigm):
                 "public_positions": self.num_positions,
             },
             "clients": {c: {"eval_loss": v} for c, v in self.client_eval.loss.items()},
+            **({"privacy": self.dp.summary()} if self.dp is not None else {}),
         }
 
     def state_dict(self) -> dict:
@@ -358,6 +359,7 @@ class KDFed(Paradigm):
             "server_stream": self.server_stream.state_dict(),
             "client_eval": self.client_eval.state_dict(),
             "public_ids": list(self.public_ids),
+            **({"privacy": self.dp.state_dict()} if self.dp is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -380,4 +382,19 @@ class KDFed(Paradigm):
             stream.load_state_dict(s)
         self.server_stream.load_state_dict(state["server_stream"])
         self.client_eval.load_state_dict(state["client_eval"])
+        if self.dp is not None:
+            self.dp.load_state_dict(state["privacy"])
         self.load_global()
+
+    def stop_before(self, round: int) -> str | None:
+        return None if self.dp is None else self.dp.stop_reason(sample_clients(self.ctx.cfg, round))
+
+    def _choose_candidates(self) -> int:
+        """DP: the tokens clients report probabilities for, the server model's top-k on each public position
+        (public: that model learnt only from noised soft labels); None = every token (kd.topk 0). Its FLOPs."""
+        if not self.ctx.cfg.kd.topk:
+            return 0
+        load_adapter_state(self.ctx.model, self.server_state)
+        message, flops = self.public_logits(self.models["main"])
+        self.candidates = message.tensors["indices"]
+        return flops

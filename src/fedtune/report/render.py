@@ -79,7 +79,7 @@ def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("Client peak memory", format_bytes(memory.get("client_peak_bytes"))),
         ("Wall time", format_seconds(time.get("wall_s"))),
         ("Simulated time", format_seconds(time.get("simulated_s"))),
-    ] + _split_rows(summary)
+    ] + _split_rows(summary) + _privacy_rows(summary)
 
 
 def _metric_rows(initial: dict[str, float], final: dict[str, float]) -> list[tuple[str, str]]:
@@ -109,6 +109,30 @@ def _split_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     elif "uplink_reduction" in comm:
         rows += [("Uplink reduction", f"{100 * comm['uplink_reduction']:.2f} %"),
                  ("Total reduction", f"{100 * comm['total_reduction']:.2f} %")]
+    return rows
+
+
+def _g(value: float | None) -> str:
+    """A DP parameter as the report shows it (summary.json stores an infinite one as null)."""
+    return "inf" if value is None or value == float("inf") else f"{value:.3g}"
+
+
+def _privacy_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The privacy guarantee a run gives (client-level DP, sample-level DP-SGD), and an early stop for it."""
+    rows = []
+    dp = summary.get("privacy") or {}
+    if dp.get("client_dp"):
+        eps = "infinite (no noise: no guarantee)" if _g(dp["epsilon"]) == "inf" else _g(dp["epsilon"])
+        rows.append(("Client-level DP", f"{dp['client_dp']}: epsilon {eps} at delta {dp['delta']:g} (noise "
+                     f"multiplier {_g(dp['noise_multiplier'])}, clip {_g(dp['clip_norm_final'])}"
+                     f"{', adaptive' if dp.get('adaptive_clip') else ''}; {dp['accountant']})"))
+    if dp.get("sample_dp"):
+        s = dp["sample_dp"]
+        rows.append(("Sample-level DP-SGD", f"epsilon {_g(s['epsilon'])} at delta {s['delta']:g} (noise multiplier "
+                     f"{_g(s['noise_multiplier'])}, clip {_g(s['clip_norm'])}; {s['accountant']})"))
+    stopped = summary.get("stopped")
+    if stopped:
+        rows.append(("Stopped early", f"before round {stopped['before_round']}: {stopped['reason']}"))
     return rows
 
 

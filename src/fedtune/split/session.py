@@ -28,6 +28,7 @@ from fedtune.core.seeding import seed_torch
 from fedtune.models.lora import adapter_state, load_adapter_state
 from fedtune.models.memory import MemoryMeter
 from fedtune.split.cut import Cut
+from fedtune.split.leakage import noise_generator, noisy_activations
 from fedtune.split.protocol import ClientResult, ServerResult, SideReport, StepInfo, TensorDict, step_failure
 from fedtune.split.trainer import SplitTrainer
 from fedtune.training.steps import all_finite, make_optimizer, update_norm_failure
@@ -111,6 +112,14 @@ class ClientSide(_Side):
         self.batches = self.ctx.indexed_batches(stream, steps, samples)
         self.pending: _Pending | None = None
         self.ctx.model.train()
+        self.noise_keys = (cfg.seed, "activation-noise", round, cid)
+        self.steps_sent = 0
+
+    def _noised(self, act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The activations as uploaded: with ``privacy.activation_noise``, plus this step's noise (no draw at 0)."""
+        step, self.steps_sent = self.steps_sent, self.steps_sent + 1
+        ratio = self.ctx.cfg.privacy.activation_noise
+        return noisy_activations(act.detach(), mask, ratio, noise_generator(*self.noise_keys, step)) if ratio else act
 
     def forward(self) -> tuple[Message, Message, StepInfo]:
         """The next batch through the head blocks: (activation message, its uncompressed equivalent, info)."""
@@ -126,7 +135,7 @@ class ClientSide(_Side):
         if not self.cut.tail:
             extra["labels"] = labels.cpu().to(torch.int32)
         epoch = self.stream.epoch
-        message, baseline = self._send("activations", act, rows, cpu_mask, epoch, extra)
+        message, baseline = self._send("activations", self._noised(act, mask), rows, cpu_mask, epoch, extra)
         self.pending = _Pending(act, step, mask, cpu_mask, labels, rows, epoch)
         return message, baseline, {"tokens": ids.numel(), "seq": ids.shape[1], "rows": rows, "epoch": epoch}
 

@@ -103,6 +103,16 @@ def guarded_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) 
     return None
 
 
+def sample_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token loss averaged per sample, then over the batch: each sample's term depends on it alone (the
+    model's own loss divides by the batch's token count, which ties every sample to the others)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none")
+    kept = (labels != -100).float()
+    return ((per_token * kept).sum(1) / kept.sum(1).clamp(min=1)).mean()
+
+
 def train_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -114,16 +124,18 @@ def train_steps(
     regularizer: Callable[[], torch.Tensor | None] | None = None,
     before_step: Callable[[], None] | None = None,
     on_step: Callable[[float], None] | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> TrainResult:
     """One optimizer step per batch. Stops at the first non-finite loss or gradient and says so. ``before_step``
-    runs after each backward pass, before clipping and the step (it may read and change the gradients)."""
+    runs after each backward pass, before clipping and the step (it may read and change the gradients);
+    ``loss_fn(model, batch)`` replaces the model's own loss (the token mean over the batch)."""
     result = TrainResult()
     meter = MemoryMeter(device)
     model.train()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with meter.step():
-            loss = model(**batch).loss
+            loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
             if not torch.isfinite(loss):
                 result.failure = f"non-finite loss ({loss.item()}) at step {result.steps + 1}"
                 optimizer.zero_grad(set_to_none=True)
