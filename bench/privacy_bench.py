@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedtune.config import load_config
 from variant_runs import SHORT_WARMUP, VariantRunner, add_run_arguments, chosen_variants, publish, reused_note
 
 CENTRAL = ["privacy.client_dp='central'", "privacy.clip_norm=1.0"]
@@ -40,17 +41,20 @@ def _row(o) -> tuple[str, dict]:
     s = o.summary or {}
     if not s:
         return f"| {o.variant} | FAILED: {o.error} | | | | |", {}
+    cfg = load_config(Path(o.run_dir) / "config.toml")
+    per_round, batch = cfg.federation.sampled, cfg.train.batch_size
     p = s.get("privacy") or {}
     m = s["final"].get("metrics") or {}
     if p.get("client_dp"):
         eps, z = p["epsilon"], p["noise_multiplier"]
-        std = f"{z * p['clip_norm_final'] / 4:.3g} (z {z:.3g} x C / 4 clients)"
+        std = f"{z * p['clip_norm_final'] / per_round:.3g} (z {z:.3g} x C / {per_round} clients)"
     elif p.get("sample_dp"):
         eps, z = p["sample_dp"]["epsilon"], p["sample_dp"]["noise_multiplier"]
-        std = f"{z:.3g} x clip / batch 8 per step, per client"
+        std = f"{z:.3g} x clip / batch {batch} per step, per client"
     else:
         eps, std = None, "—"
-    eps_text = "—" if eps is None else ("inf" if eps == float("inf") else f"{eps:.3g}")
+    private = bool(p.get("client_dp") or p.get("sample_dp"))  # summary.json stores an infinite epsilon as null
+    eps_text = ("inf" if private else "—") if eps in (None, float("inf")) else f"{eps:.3g}"
     line = (f"| {o.variant} | {s['initial']['eval_loss']:.4f} → {s['final']['eval_loss']:.4f} | "
             + (f"{m['bleu']:.1f} / {m['rougeL']:.1f}" if "bleu" in m else "—") + f" | {eps_text} | {std} | "
             + f"{s['comm']['total_bytes'] / 1e6:.1f} |")

@@ -282,11 +282,14 @@ class Runner:
                     f"stop_after_rejected_rounds = {limit}; reasons in round {round}: {'; '.join(reasons)})")
         return None
 
+    def _saved_round(self) -> int:
+        """The round of the latest checkpoint (-1: none yet)."""
+        return int(self.checkpointer.latest_folder().name.split("-")[1]) if self.checkpointer.exists() else -1
+
     def _stop_early(self, round: int, reason: str, paradigm: Paradigm, ctx: RunContext) -> None:
         """End the run before ``round`` with a result (its checkpoint is that of round - 1: a resume with a larger
         budget continues it)."""
-        saved = int(self.checkpointer.latest_folder().name.split("-")[1]) if self.checkpointer.exists() else -1
-        if saved != round - 1:
+        if self._saved_round() != round - 1:
             self._save(round - 1, paradigm, ctx)
         self.stopped = {"before_round": round, "reason": reason}
         ctx.progress.log(f"[yellow]stopped before round {round}: {reason}")
@@ -299,8 +302,7 @@ class Runner:
         the bytes of its attempts are dropped like those of a killed run's unfinished round."""
         done = exc.round - 1
         ctx.ledger.drop_after(done)
-        saved = int(self.checkpointer.latest_folder().name.split("-")[1]) if self.checkpointer.exists() else -1
-        if saved != done:
+        if self._saved_round() != done:
             if done == 0:  # nothing trained yet: a resume re-evaluates round 0
                 self.metrics.truncate(-1)
             self._save(done, paradigm, ctx)

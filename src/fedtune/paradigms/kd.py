@@ -238,7 +238,7 @@ class KDFed(Paradigm):
         if self.dp is not None:  # clipped (and, local DP, noised) on the client; zeros: no download to subtract
             probs, meta = self.dp.client_upload(message.tensors, {"probs": torch.zeros_like(message.tensors["probs"])},
                                                 job.state, round, cid)
-            message = Message("public_probs", probs, {**message.meta, **(meta if cfg.privacy.adaptive_clip else {})})
+            message = Message("public_probs", probs, {**message.meta, **meta})
         stats["flops"] += fwd
         if ctx.client_side:  # deployed: only this machine holds the adapter, so it evaluates it (client_eval_loss)
             stats["eval_loss"] = self.client_eval.evaluate(ctx, cm.model)

@@ -96,12 +96,13 @@ class ClientDP:
 
     def client_upload(self, upload: TensorDict, download: TensorDict, instruction: dict, round: int,
                       cid: int) -> tuple[TensorDict, dict]:
-        """The private upload (clipped; noised in local mode) and its meta (under the bound or not)."""
+        """The private upload (clipped; noised in local mode) and the meta the server may see: with adaptive
+        clipping, whether the update was under the bound (the bit the server's noised count sums); else none."""
         bound = float(instruction["dp_clip_norm"])
         clipped, norm = clip_upload(upload, download, bound)
         if self.local:
             clipped = add_gaussian(clipped, _std(self.z, bound), derive_seed(self.seed, "dp-noise", round, cid))
-        return clipped, {"dp_under_clip": float(norm <= bound), "dp_update_norm": norm}
+        return clipped, {"dp_under_clip": float(norm <= bound)} if self.cfg.adaptive_clip else {}
 
     # -- the server's side ------------------------------------------------------------------
     def private_mean(self, uploads: list[TensorDict], metas: list[dict], round: int,

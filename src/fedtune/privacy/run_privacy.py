@@ -31,8 +31,7 @@ class RunPrivacy:
         """The upload as privacy sends it, and the meta the server may see (adaptive clipping's bit)."""
         if self.client is None:
             return upload, {}
-        upload, meta = self.client.client_upload(upload, download, state, round, cid)
-        return upload, meta if self.cfg.adaptive_clip else {}
+        return self.client.client_upload(upload, download, state, round, cid)
 
     @contextmanager
     def training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, round: int,
